@@ -1,0 +1,152 @@
+"""LoRA updates as plain tensors, and the bridge to PEFT adapters.
+
+Fusion, stacking, export and batched serving all need the raw factors of ΔW = B·A; PEFT keeps them
+inside its layers with a separate scaling. `LoraWeights` folds the scaling into B so that every
+consumer sees one convention, and converts to and from PEFT's adapter folders and layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from torch import Tensor, nn
+
+from mta.io import MTAError, atomic_dir, atomic_save_tensors, load_tensors, read_json
+
+_PREFIX = "base_model.model."
+
+
+@dataclass
+class LoraWeights:
+    """Per module path: (A [r, in], B [out, r]) with ΔW = B @ A (scaling folded into B)."""
+
+    modules: dict[str, tuple[Tensor, Tensor]]
+
+    @property
+    def rank(self) -> int:
+        return max(a.shape[0] for a, _ in self.modules.values())
+
+    def delta(self, name: str) -> Tensor:
+        a, b = self.modules[name]
+        return b @ a
+
+    def num_bytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.modules.values())
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "LoraWeights":
+        return LoraWeights({n: (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)) for n, (a, b) in self.modules.items()})
+
+    def padded(self, rank: int) -> "LoraWeights":
+        """Zero rows of A / columns of B: the same ΔW at a uniform rank, as one PEFT config needs."""
+        out = {}
+        for n, (a, b) in self.modules.items():
+            pad = rank - a.shape[0]
+            out[n] = (torch.cat([a, a.new_zeros(pad, a.shape[1])]), torch.cat([b, b.new_zeros(b.shape[0], pad)], 1)) if pad else (a, b)
+        return LoraWeights(out)
+
+    @staticmethod
+    def concat(parts: list["LoraWeights"]) -> "LoraWeights":
+        """Σ ΔW of all parts exactly, by stacking ranks."""
+        names = sorted(set().union(*(p.modules for p in parts)))
+        out = {}
+        for n in names:
+            present = [p.modules[n] for p in parts if n in p.modules]
+            out[n] = (torch.cat([a for a, _ in present]), torch.cat([b for _, b in present], 1))
+        return LoraWeights(out)
+
+    # -- PEFT adapter folders -------------------------------------------------------------------------
+    @classmethod
+    def from_peft_dir(cls, path: str | Path) -> "LoraWeights":
+        path = Path(path)
+        cfg = read_json(path / "adapter_config.json", "adapter config")
+        if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora"):
+            raise MTAError(f"{path}: only plain LoRA adapters are supported (got {cfg.get('peft_type')}, use_dora={cfg.get('use_dora')})")
+        tensors = load_tensors(path / "adapter_model.safetensors")
+        return cls.from_peft_state_dict(tensors, cfg, str(path))
+
+    @classmethod
+    def from_peft_state_dict(cls, tensors: dict[str, Tensor], cfg: dict, where: str = "adapter") -> "LoraWeights":
+        r, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
+        modules: dict[str, tuple[Tensor, Tensor]] = {}
+        for key, a in tensors.items():
+            if ".lora_A." not in key:
+                continue
+            name = key.split(".lora_A.")[0].removeprefix(_PREFIX)
+            b_key = key.replace(".lora_A.", ".lora_B.")
+            if b_key not in tensors:
+                raise MTAError(f"{where}: {b_key} is missing")
+            short = name.rsplit(".", 1)[-1]
+            rank = cfg.get("rank_pattern", {}).get(name, cfg.get("rank_pattern", {}).get(short, r))
+            alph = cfg.get("alpha_pattern", {}).get(name, cfg.get("alpha_pattern", {}).get(short, alpha))
+            scale = alph / (rank**0.5 if cfg.get("use_rslora") else rank)
+            modules[name] = (a.float(), tensors[b_key].float() * scale)
+        if not modules:
+            raise MTAError(f"{where}: no LoRA tensors found")
+        return cls(modules)
+
+    def peft_state_dict(self) -> dict[str, Tensor]:
+        sd = {}
+        for n, (a, b) in self.modules.items():
+            sd[f"{_PREFIX}{n}.lora_A.weight"] = a
+            sd[f"{_PREFIX}{n}.lora_B.weight"] = b
+        return sd
+
+    def lora_config(self) -> LoraConfig:
+        r = self.rank
+        return LoraConfig(r=r, lora_alpha=r, target_modules=sorted(self.modules), lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+
+    def save_peft_dir(self, path: str | Path, base_model: str | None = None) -> None:
+        """A standard PEFT adapter folder (scaling 1), loadable by PeftModel.from_pretrained and vLLM."""
+        w = self.padded(self.rank)
+        cfg = w.lora_config()
+        cfg.base_model_name_or_path = base_model
+        with atomic_dir(path) as tmp:
+            cfg.save_pretrained(tmp)
+            atomic_save_tensors(tmp / "adapter_model.safetensors", w.peft_state_dict())
+
+
+def check_fits(model: nn.Module, weights: LoraWeights, what: str = "adapter") -> None:
+    """A clear error instead of PEFT's shape mismatch deep inside load_state_dict."""
+    mods = dict(model.named_modules())
+    for name, (a, b) in weights.modules.items():
+        layer = mods.get(name) or mods.get(_PREFIX + name)
+        layer = getattr(layer, "base_layer", layer)
+        if not isinstance(layer, nn.Linear):
+            raise MTAError(f"{what} does not fit the base model: it has no linear layer {name!r}")
+        if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features or a.shape[0] != b.shape[1]:
+            raise MTAError(
+                f"{what} does not fit the base model: {name} is {layer.out_features}x{layer.in_features}, "
+                f"the adapter gives B {tuple(b.shape)} and A {tuple(a.shape)}"
+            )
+
+
+def attach(model: nn.Module, weights: LoraWeights, adapter_name: str) -> PeftModel:
+    """Add `weights` as a PEFT adapter named `adapter_name`; wraps a plain model on first use."""
+    check_fits(model, weights)
+    w = weights.padded(weights.rank)
+    config = w.lora_config()
+    if isinstance(model, PeftModel):
+        if adapter_name in model.peft_config:
+            model.delete_adapter(adapter_name)
+        model.add_adapter(adapter_name, config)
+    else:
+        model = get_peft_model(model, config, adapter_name=adapter_name)
+    ref = next(model.parameters())
+    set_peft_model_state_dict(model, w.to(ref.dtype, ref.device).peft_state_dict(), adapter_name=adapter_name)
+    return model
+
+
+def extract(model: PeftModel, adapter_name: str) -> LoraWeights:
+    """The factors of one adapter of a live PEFT model, scaling folded in."""
+    modules = {}
+    for name, module in model.base_model.model.named_modules():
+        if hasattr(module, "lora_A") and adapter_name in module.lora_A:
+            a = module.lora_A[adapter_name].weight.detach().float().cpu()
+            b = module.lora_B[adapter_name].weight.detach().float().cpu() * module.scaling[adapter_name]
+            modules[name] = (a.clone(), b.clone())
+    if not modules:
+        raise MTAError(f"the model has no adapter named {adapter_name!r}")
+    return LoraWeights(modules)

@@ -1,0 +1,119 @@
+"""LaMP data in two layouts.
+
+* Per-user (Per-Pcs / MTA, ../shared/data/lamp): a JSON list of
+  ``{"user_id", "profile": [...], "query": [{"id", "input", "gold"}]}``.
+* Official LaMP: ``*_questions.json`` with ``[{"id", "input", "profile"}]`` and, beside it,
+  ``*_outputs.json`` with ``{"task", "golds": [{"id", "output"}]}``; each question is its own user.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mta.io import MTAError, read_json
+from mta.tasks import Task
+
+
+@dataclass
+class Query:
+    id: str
+    input: str
+    gold: str | None = None
+
+
+@dataclass
+class User:
+    user_id: str
+    profile: list[dict]
+    queries: list[Query] = field(default_factory=list)
+
+
+def _require(obj: object, keys: tuple[str, ...], where: str) -> dict:
+    if not isinstance(obj, dict):
+        raise MTAError(f"{where}: expected an object, got {type(obj).__name__}")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise MTAError(f"{where}: missing field(s) {missing}")
+    return obj
+
+
+def _profile(raw: object, where: str, task: Task | None) -> list[dict]:
+    if not isinstance(raw, list):
+        raise MTAError(f"{where}: 'profile' must be a list of items")
+    if task is not None:
+        for j, item in enumerate(raw):
+            task.check_item(item, f"{where}, profile item {j}")
+    return raw
+
+
+def _outputs_path(questions: Path) -> Path | None:
+    if "questions" not in questions.name:
+        return None
+    p = questions.with_name(questions.name.replace("questions", "outputs"))
+    return p if p.exists() else None
+
+
+def load_users(path: str | Path, task: Task | None = None) -> list[User]:
+    """Load either layout; with `task`, every profile item is checked for that task's fields."""
+    path = Path(path)
+    data = read_json(path, "data file")
+    if not isinstance(data, list):
+        raise MTAError(f"data file {path}: expected a JSON list of users or questions, got {type(data).__name__}")
+    if not data:
+        raise MTAError(f"data file {path} holds no users")
+    if isinstance(data[0], dict) and "user_id" in data[0]:
+        users = _per_user(data, path, task)
+    else:
+        users = _official(data, path, task)
+    seen: set[str] = set()
+    for u in users:
+        if u.user_id in seen:
+            raise MTAError(f"data file {path}: user id {u.user_id!r} appears twice")
+        seen.add(u.user_id)
+    return users
+
+
+def _per_user(data: list, path: Path, task: Task | None) -> list[User]:
+    users = []
+    for i, raw in enumerate(data):
+        where = f"{path}: user #{i}"
+        _require(raw, ("user_id", "profile"), where)
+        where = f"{path}: user {raw['user_id']!r}"
+        queries = []
+        for j, q in enumerate(raw.get("query", [])):
+            _require(q, ("id", "input"), f"{where}, query #{j}")
+            queries.append(Query(str(q["id"]), str(q["input"]), None if q.get("gold") is None else str(q["gold"])))
+        users.append(User(str(raw["user_id"]), _profile(raw["profile"], where, task), queries))
+    return users
+
+
+def _official(data: list, path: Path, task: Task | None) -> list[User]:
+    golds: dict[str, str] = {}
+    outputs = _outputs_path(path)
+    if outputs is not None:
+        out = _require(read_json(outputs, "outputs file"), ("golds",), str(outputs))
+        for j, g in enumerate(out["golds"]):
+            _require(g, ("id", "output"), f"{outputs}: gold #{j}")
+            golds[str(g["id"])] = str(g["output"])
+    users = []
+    for i, raw in enumerate(data):
+        _require(raw, ("id", "input", "profile"), f"{path}: question #{i}")
+        qid = str(raw["id"])
+        where = f"{path}: question {qid!r}"
+        users.append(User(qid, _profile(raw["profile"], where, task), [Query(qid, str(raw["input"]), golds.get(qid))]))
+    return users
+
+
+def find_user(users: list[User], user_id: str) -> User:
+    for u in users:
+        if u.user_id == str(user_id):
+            return u
+    sample = ", ".join(u.user_id for u in users[:5])
+    raise MTAError(f"unknown user {user_id!r}: not among the {len(users)} users of the data file (e.g. {sample})")
+
+
+def require_profile(user: User) -> list[dict]:
+    if not user.profile:
+        raise MTAError(f"user {user.user_id!r} has an empty profile: there is no history to personalize from")
+    return user.profile

@@ -1,0 +1,159 @@
+"""Stage 2: adaptive LoRA fusion — a user's adapter merged on the fly from the closest anchors.
+
+Weighting and merging are small functions behind registries (mergekit-style), so methods sit side by
+side and benchmarks can swap them. Nothing here touches the disk: a fused adapter lives in memory.
+
+* ``exact`` (default): ΔW = Σ wᵢ·Bᵢ·Aᵢ exactly, by concatenating ranks (rank k·r).
+* ``linear``: A = Σ wᵢAᵢ and B = Σ wᵢBᵢ separately, as the published MTA code does; its ΔW carries the
+  cross terms wᵢwⱼ·Bᵢ·Aⱼ.
+* ``svd``: the exact ΔW truncated to a rank by SVD (done on the rank-k·r factors, never on a dense ΔW).
+* ``recipe`` (a preset, not a merge): the published code — top-2 anchors, ``linear`` merging, and its
+  α = s₁/(s₁+s₂) given to the *second* anchor, so the most similar anchor gets the smaller weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mta.adapters import LoraWeights
+from mta.bank import Bank
+from mta.io import MTAError
+
+MergeFn = Callable[[list[Tensor], list[Tensor], Tensor, "int | None"], tuple[Tensor, Tensor]]
+MERGE_METHODS: dict[str, MergeFn] = {}
+WeightFn = Callable[[Tensor, float], Tensor]
+WEIGHTINGS: dict[str, WeightFn] = {}
+
+
+def register_merge(name: str):
+    def deco(fn: MergeFn) -> MergeFn:
+        MERGE_METHODS[name] = fn
+        return fn
+    return deco
+
+
+def register_weighting(name: str):
+    def deco(fn: WeightFn) -> WeightFn:
+        WEIGHTINGS[name] = fn
+        return fn
+    return deco
+
+
+@register_merge("exact")
+def merge_exact(As: list[Tensor], Bs: list[Tensor], w: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor]:
+    return torch.cat(As), torch.cat([wi * b for wi, b in zip(w, Bs)], 1)
+
+
+@register_merge("linear")
+def merge_linear(As: list[Tensor], Bs: list[Tensor], w: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor]:
+    if len({a.shape for a in As}) > 1:
+        raise MTAError("linear merging needs anchors of equal rank")
+    return sum(wi * a for wi, a in zip(w, As)), sum(wi * b for wi, b in zip(w, Bs))
+
+
+@register_merge("svd")
+def merge_svd(As: list[Tensor], Bs: list[Tensor], w: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor]:
+    a, b = merge_exact(As, Bs, w)
+    r = min(rank or max(x.shape[0] for x in As), a.shape[0])
+    qb, rb = torch.linalg.qr(b)  # ΔW = Qb (Rb Raᵀ) Qaᵀ: the SVD of a small core gives ΔW's
+    qa, ra = torch.linalg.qr(a.T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    root = s[:r].sqrt()
+    return (root[:, None] * vh[:r]) @ qa.T, (qb @ u[:, :r]) * root
+
+
+@register_weighting("normalized")
+def weights_normalized(sims: Tensor, temperature: float) -> Tensor:
+    """w ∝ similarity (negatives clipped): the most similar anchor weighs most."""
+    s = sims.clamp(min=0)
+    return s / s.sum() if s.sum() > 0 else torch.full_like(sims, 1 / len(sims))
+
+
+@register_weighting("softmax")
+def weights_softmax(sims: Tensor, temperature: float) -> Tensor:
+    return torch.softmax(sims / temperature, 0)
+
+
+@register_weighting("published")
+def weights_published(sims: Tensor, temperature: float) -> Tensor:
+    """The published code's α = s₁/(s₁+s₂), assigned to the second anchor."""
+    if len(sims) != 2:
+        raise MTAError("the published weighting is defined for exactly two anchors")
+    alpha = sims[0] / (sims[0] + sims[1])
+    return torch.stack([1 - alpha, alpha])
+
+
+@dataclass
+class FusionConfig:
+    k: int = 2
+    weighting: Literal["normalized", "softmax", "published"] = "normalized"
+    temperature: float = 0.1
+    merge: str = "exact"  # exact | linear | svd | recipe
+    rank: int | None = None  # svd only; default: the anchors' rank
+
+    def resolved(self) -> "FusionConfig":
+        if self.merge == "recipe":
+            return FusionConfig(k=2, weighting="published", merge="linear")
+        if self.merge not in MERGE_METHODS:
+            raise MTAError(f"unknown merge method {self.merge!r}; known: {', '.join([*MERGE_METHODS, 'recipe'])}")
+        if self.weighting not in WEIGHTINGS:
+            raise MTAError(f"unknown weighting {self.weighting!r}; known: {', '.join(WEIGHTINGS)}")
+        return self
+
+
+@dataclass
+class FusionRecord:
+    """Everything needed to rebuild a user's fused adapter from the bank: a few hundred bytes."""
+
+    anchor_ids: list[str]
+    similarities: list[float]
+    weights: list[float]
+    merge: str
+    rank: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FusionRecord":
+        try:
+            return cls(list(d["anchor_ids"]), [float(x) for x in d["similarities"]], [float(x) for x in d["weights"]],
+                       str(d["merge"]), d.get("rank"))
+        except (KeyError, TypeError) as e:
+            raise MTAError(f"malformed fusion record: {e}") from None
+
+
+def plan_fusion(bank: Bank, user_embedding: np.ndarray | Tensor, cfg: FusionConfig = FusionConfig()) -> FusionRecord:
+    """Top-k anchors by cosine similarity and their weights; milliseconds, no weights touched."""
+    eff = cfg.resolved()
+    if not 1 <= eff.k <= len(bank):
+        raise MTAError(f"k={eff.k} is out of range: the bank has {len(bank)} anchor(s)")
+    u = torch.as_tensor(np.asarray(user_embedding, dtype=np.float32)).flatten()
+    if u.shape[0] != bank.embeddings.shape[1]:
+        raise MTAError(f"user embedding has {u.shape[0]} dims, the bank's anchors {bank.embeddings.shape[1]}: "
+                       f"embed with {bank.manifest['embedding_model']!r}")
+    sims = torch.nn.functional.cosine_similarity(bank.embeddings, u[None], dim=1)
+    top = torch.topk(sims, eff.k).indices
+    w = WEIGHTINGS[eff.weighting](sims[top], eff.temperature)
+    return FusionRecord([bank.anchor_ids[i] for i in top.tolist()], sims[top].tolist(), w.tolist(), cfg.merge, eff.rank)
+
+
+def merge(bank: Bank, record: FusionRecord) -> LoraWeights:
+    method = "linear" if record.merge == "recipe" else record.merge
+    if method not in MERGE_METHODS:
+        raise MTAError(f"unknown merge method {record.merge!r}")
+    anchors = [bank.anchor(a) for a in record.anchor_ids]
+    w = torch.tensor(record.weights, dtype=torch.float32)
+    names = anchors[0].modules.keys()
+    return LoraWeights({n: MERGE_METHODS[method]([x.modules[n][0] for x in anchors], [x.modules[n][1] for x in anchors], w, record.rank)
+                        for n in names})
+
+
+def fuse(bank: Bank, user_embedding: np.ndarray | Tensor, cfg: FusionConfig = FusionConfig()) -> tuple[LoraWeights, FusionRecord]:
+    record = plan_fusion(bank, user_embedding, cfg)
+    return merge(bank, record), record

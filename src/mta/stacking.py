@@ -1,0 +1,165 @@
+"""Stage 3: LoRA stacking — a frozen fused adapter with an ultra-low-rank LoRA trained on top.
+
+The fused adapter is rebuilt from the bank whenever it is needed; the stacked LoRA (rank 1–4) plus a
+small record is all that is stored per user::
+
+    <user>/user.json      user id, task, base model, bank fingerprint, fusion record, stack settings
+    <user>/adapter/       the stacked LoRA as a PEFT adapter (absent with --no-stack)
+    <user>/profile.json   the user's history, for retrieval into prompts
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from mta import __version__
+from mta.adapters import LoraWeights, attach
+from mta.bank import Bank
+from mta.data.lamp import User, require_profile
+from mta.embedding import profile_embedding
+from mta.fusion import FusionConfig, FusionRecord, fuse, merge
+from mta.io import MTAError, atomic_dir, atomic_write_json, read_json
+from mta.tasks import loo_examples
+from mta.training import TrainConfig, train
+
+FUSED, STACK = "fused", "default"  # the stacked adapter is PEFT's "default", so it saves at the folder root
+
+
+@dataclass
+class StackConfig:
+    rank: int = 2
+    alpha: float | None = None  # None → alpha = rank
+    target_modules: str | list[str] = "all-linear"
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2.0, learning_rate=1e-3))
+
+    def peft_config(self) -> LoraConfig:
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha or self.rank, target_modules=self.target_modules,
+                          lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+
+
+@dataclass
+class PersonalizeConfig:
+    fusion: FusionConfig | None = field(default_factory=FusionConfig)  # None: no fusion (stack-only)
+    stack: StackConfig | None = field(default_factory=StackConfig)  # None: no stacking (merge-only)
+    num_retrieved: int = 1
+
+
+@dataclass
+class UserRecord:
+    user_id: str
+    task: str
+    base_model: str
+    bank_fingerprint: str | None
+    fusion: FusionRecord | None
+    stack: dict | None  # rank, alpha and training figures, or None
+    mta_version: str = __version__
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["fusion"] = self.fusion.to_dict() if self.fusion else None
+        return d
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "UserRecord":
+        d = read_json(Path(folder) / "user.json", "user record")
+        try:
+            return cls(str(d["user_id"]), d["task"], d["base_model"], d["bank_fingerprint"],
+                       FusionRecord.from_dict(d["fusion"]) if d["fusion"] else None, d["stack"], d.get("mta_version", "?"))
+        except (KeyError, TypeError) as e:
+            raise MTAError(f"user record {Path(folder) / 'user.json'} is malformed: missing {e}") from None
+
+
+def base_of(model) -> torch.nn.Module:
+    """The plain base model, every adapter removed (unmerged, so weights are exactly the originals)."""
+    return model.unload() if isinstance(model, PeftModel) else model
+
+
+def with_adapters(base, fused: LoraWeights | None, stacked: LoraWeights | StackConfig | None) -> torch.nn.Module:
+    """Base + frozen fused adapter + stacked adapter (fresh and trainable when given a StackConfig)."""
+    model, active = base_of(base), []
+    if fused is not None:
+        model = attach(model, fused, FUSED)
+        active.append(FUSED)
+    if isinstance(stacked, StackConfig):
+        if isinstance(model, PeftModel):
+            model.add_adapter(STACK, stacked.peft_config())
+        else:
+            model = get_peft_model(model, stacked.peft_config(), adapter_name=STACK)
+        active.append(STACK)
+    elif stacked is not None:
+        model = attach(model, stacked, STACK)
+        active.append(STACK)
+    if not active:
+        return model
+    model.base_model.set_adapter(active)
+    for name, p in model.named_parameters():
+        p.requires_grad = f".{STACK}." in name and isinstance(stacked, StackConfig)
+    return model
+
+
+def personalize(bank: Bank | None, user: User, cfg: PersonalizeConfig, model, tokenizer, embedder=None, task=None,
+                progress: bool = True) -> tuple[torch.nn.Module, UserRecord]:
+    """Fuse (in memory) and train the stacked LoRA for one user; nothing is written."""
+    profile = require_profile(user)
+    task = task or bank.task
+    fused, record = None, None
+    if cfg.fusion is not None:
+        if bank is None:
+            raise MTAError("fusion needs a bank")
+        bank.check_model(model)
+        fused, record = fuse(bank, profile_embedding(embedder, task, profile), cfg.fusion)
+    model = with_adapters(model, fused, cfg.stack)
+    stack = None
+    if cfg.stack is not None:
+        torch.manual_seed(cfg.stack.train.seed)
+        stats = train(model, tokenizer, loo_examples(task, profile, cfg.num_retrieved), cfg.stack.train,
+                      desc=f"stacking user {user.user_id}", progress=progress)
+        stack = {"rank": cfg.stack.rank, "alpha": cfg.stack.alpha or cfg.stack.rank, "train_seconds": round(stats["seconds"], 3),
+                 "steps": stats["steps"], "final_loss": stats["losses"][-1]}
+    base_name = bank.manifest["base_model"] if bank else getattr(model.config, "_name_or_path", "?")
+    return model, UserRecord(user.user_id, task.id, base_name, bank.fingerprint if bank else None, record, stack)
+
+
+def save_user(folder: str | Path, model, record: UserRecord, profile: list[dict]) -> int:
+    """Write the user's folder atomically; returns the bytes that serving this user needs (adapter + record)."""
+    with atomic_dir(folder) as tmp:
+        if record.stack is not None:
+            model.save_pretrained(tmp / "adapter", selected_adapters=[STACK])
+        atomic_write_json(tmp / "user.json", record.to_dict())
+        atomic_write_json(tmp / "profile.json", profile)
+    return user_bytes(folder)
+
+
+def user_bytes(folder: str | Path) -> int:
+    folder = Path(folder)
+    files = [folder / "user.json", *((folder / "adapter").glob("*") if (folder / "adapter").exists() else [])]
+    return sum(f.stat().st_size for f in files)
+
+
+def load_personalized(bank: Bank | None, folder: str | Path, model) -> tuple[torch.nn.Module, UserRecord]:
+    """Base model → the user's fused adapter (rebuilt from the bank) + their stacked LoRA."""
+    folder = Path(folder)
+    record = UserRecord.load(folder)
+    fused = None
+    if record.fusion is not None:
+        if bank is None:
+            raise MTAError(f"user {record.user_id!r} was fused from a bank: pass --bank")
+        if record.bank_fingerprint != bank.fingerprint:
+            raise MTAError(f"user {record.user_id!r} was personalized against bank {record.bank_fingerprint}, "
+                           f"not {bank.fingerprint} ({bank.path})")
+        bank.check_model(model)
+        fused = merge(bank, record.fusion)
+    stacked = LoraWeights.from_peft_dir(folder / "adapter") if record.stack is not None else None
+    return with_adapters(model, fused, stacked), record
+
+
+def load_profile(folder: str | Path) -> list[dict]:
+    profile = read_json(Path(folder) / "profile.json", "user profile")
+    if not isinstance(profile, list):
+        raise MTAError(f"{Path(folder) / 'profile.json'} must hold a list of profile items")
+    return profile
