@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from peft.utils.other import get_pattern_key
 from torch import Tensor, nn
 
 from mta.io import MTAError, atomic_dir, atomic_save_tensors, load_tensors, read_json
@@ -70,6 +71,7 @@ class LoraWeights:
     @classmethod
     def from_peft_state_dict(cls, tensors: dict[str, Tensor], cfg: dict, where: str = "adapter") -> "LoraWeights":
         r, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
+        ranks, alphas = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
         modules: dict[str, tuple[Tensor, Tensor]] = {}
         for key, a in tensors.items():
             if ".lora_A." not in key:
@@ -78,9 +80,9 @@ class LoraWeights:
             b_key = key.replace(".lora_A.", ".lora_B.")
             if b_key not in tensors:
                 raise MTAError(f"{where}: {b_key} is missing")
-            short = name.rsplit(".", 1)[-1]
-            rank = cfg.get("rank_pattern", {}).get(name, cfg.get("rank_pattern", {}).get(short, r))
-            alph = cfg.get("alpha_pattern", {}).get(name, cfg.get("alpha_pattern", {}).get(short, alpha))
+            # PEFT's own matching: a pattern key is a regex for a suffix of the module path ("q_proj", "layers.0.q_proj")
+            rank = ranks.get(get_pattern_key(ranks, name), r)
+            alph = alphas.get(get_pattern_key(alphas, name), alpha)
             scale = alph / (rank**0.5 if cfg.get("use_rslora") else rank)
             modules[name] = (a.float(), tensors[b_key].float() * scale)
         if not modules:

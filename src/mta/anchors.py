@@ -42,8 +42,9 @@ def select_anchors(user_ids: list[str], history_lengths: list[int], embeddings: 
     eligible = [i for i, n in enumerate(history_lengths) if n >= cfg.min_history]
     if not eligible:
         raise MTAError(f"no user has at least {cfg.min_history} history items (min_history); lower it or add users")
-    k = min(cfg.num_clusters, len(eligible))
     x = _unit(embeddings[eligible])
+    # users with identical embeddings (duplicated profiles) would leave k-means clusters empty
+    k = min(cfg.num_clusters, len(np.unique(x, axis=0)))
     km = KMeans(n_clusters=k, n_init=10, random_state=cfg.seed).fit(x)
     anchors = []
     for c in range(k):

@@ -126,6 +126,11 @@ def is_trained(out: str | Path, anchor: Anchor) -> bool:
     return (Path(out) / "anchors" / anchor.id / "adapter_model.safetensors").exists()
 
 
+def pending_anchors(out: str | Path, anchors: list[Anchor]) -> list[tuple[int, Anchor]]:
+    """(index, anchor) still to train; the index seeds the anchor, so every executor must pass this one."""
+    return [(i, a) for i, a in enumerate(anchors) if not is_trained(out, a)]
+
+
 def finalize_bank(out: str | Path, anchors: list[Anchor], cfg: BankConfig, signature: dict, embedding_dim: int) -> "Bank":
     out = Path(out)
     records = []
@@ -149,8 +154,7 @@ def build_bank(users: list[User], out: str | Path, cfg: BankConfig, model=None, 
     if model is None:
         model, tokenizer = load_base(cfg.base_model)
     users_by_id = {u.user_id: u for u in users}
-    todo = [(i, a) for i, a in enumerate(anchors) if not is_trained(out, a)]
-    for i, a in tqdm(todo, desc="meta-LoRAs", disable=not progress):
+    for i, a in tqdm(pending_anchors(out, anchors), desc="meta-LoRAs", disable=not progress):
         model = train_anchor(model, tokenizer, a, i, anchor_examples(a, users_by_id, cfg), cfg, out, progress)
     return finalize_bank(out, anchors, cfg, model_signature(model), int(anchors[0].embedding.shape[0]))
 

@@ -16,6 +16,9 @@ def _quiet_hf() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation chatter from transformers/PEFT internals
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
@@ -23,6 +26,13 @@ def _quiet_hf() -> None:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA when present)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+
+
+def _executor_args(p: argparse.ArgumentParser, unit: str) -> None:
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help=f"local: this process; ray: one Ray task per {unit} (needs pip install -e '.[ray]')")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join, e.g. auto or HOST:6379 (default: RAY_ADDRESS, else a local Ray)")
 
 
 def _train_args(p: argparse.ArgumentParser, epochs: float, lr: float) -> None:
@@ -41,9 +51,9 @@ def _train_config(a):
 
 def cmd_bank_build(a) -> None:
     from mta.anchors import AnchorConfig
-    from mta.bank import BankConfig, LoraSpec, build_bank
+    from mta.bank import BankConfig, LoraSpec
     from mta.data.lamp import load_users
-    from mta.models import load_base
+    from mta.executors import run_bank
     from mta.tasks import get_task
 
     task = get_task(a.task)
@@ -51,8 +61,7 @@ def cmd_bank_build(a) -> None:
     cfg = BankConfig(task=task.id, base_model=a.model, embedding_model=a.embedder,
                      anchors=AnchorConfig(a.num_clusters, a.min_history, a.anchor_mode, a.seed),
                      lora=LoraSpec(rank=a.rank), train=_train_config(a), num_retrieved=a.retrieve)
-    model, tok = load_base(a.model, a.device, a.dtype)
-    bank = build_bank(users, a.out, cfg, model, tok)
+    bank = run_bank(users, a.out, cfg, a.executor, a.ray_address, a.device, a.dtype)
     print(f"bank {bank.path}: {len(bank)} anchors {bank.anchor_ids}, fingerprint {bank.fingerprint}")
 
 
@@ -70,21 +79,21 @@ def cmd_bank_info(a) -> None:
 def cmd_personalize(a) -> None:
     from mta.bank import Bank
     from mta.data.lamp import find_user, load_users
+    from mta.executors import run_personalize, store_folders
     from mta.fusion import FusionConfig
-    from mta.models import load_base, load_embedder
-    from mta.stacking import PersonalizeConfig, StackConfig, personalize, save_user
+    from mta.stacking import PersonalizeConfig, StackConfig
 
     bank = Bank.load(a.bank)
-    user = find_user(load_users(a.user_data, bank.task), a.user_id)
+    users = load_users(a.user_data, bank.task)
+    jobs = [(find_user(users, a.user_id), Path(a.out))] if a.user_id is not None else store_folders(users, a.out)
     fusion = FusionConfig(k=a.k, weighting=a.weighting, temperature=a.temperature, merge=a.merge, rank=a.svd_rank)
     stack = None if a.no_stack else StackConfig(rank=a.stack_rank, train=_train_config(a))
-    model, tok = load_base(bank.manifest["base_model"], a.device, a.dtype)
-    model, record = personalize(bank, user, PersonalizeConfig(fusion, stack, a.retrieve), model, tok,
-                                load_embedder(bank.manifest["embedding_model"]))
-    size = save_user(a.out, model, record, user.profile)
-    f = record.fusion
-    print(f"user {user.user_id}: anchors {f.anchor_ids} weights {[round(w, 3) for w in f.weights]} merge {f.merge}")
-    print(f"saved {a.out}: {size} bytes per user" + ("" if stack else " (fusion record only, no stacked adapter)"))
+    results = run_personalize(a.bank, jobs, PersonalizeConfig(fusion, stack, a.retrieve), a.executor, a.ray_address,
+                              a.device, a.dtype)
+    for (user, folder), (record, size) in zip(jobs, results):
+        f = record.fusion
+        print(f"user {user.user_id}: anchors {f.anchor_ids} weights {[round(w, 3) for w in f.weights]} merge {f.merge}")
+        print(f"saved {folder}: {size} bytes per user" + ("" if stack else " (fusion record only, no stacked adapter)"))
 
 
 def _user_folders(path: Path) -> list[Path]:
@@ -163,8 +172,73 @@ def cmd_demo(a) -> None:
     run_demo(out=Path(a.out), model_name=a.model, num_eval_users=a.users, device=a.device, dtype=a.dtype)
 
 
+def cmd_bench(a) -> None:
+    from dataclasses import replace
+
+    from mta.bench import BenchConfig, load_split, run_bench
+    from mta.tasks import get_task
+    from mta.training import TrainConfig
+
+    task = get_task(a.task)
+    bank_users, eval_users, split = load_split(task, a.bank_users, a.eval_users, a.data, a.eval_fraction, a.seed, Path(a.out))
+    d = BenchConfig(task.id)
+    cfg = BenchConfig(task.id, base_model=a.model, embedding_model=a.embedder, methods=a.methods, limit_users=a.limit_users,
+                      anchors=replace(d.anchors, num_clusters=a.num_clusters, mode=a.anchor_mode),
+                      bank_train=replace(d.bank_train, epochs=a.bank_epochs, learning_rate=a.bank_lr),
+                      user_lora_train=replace(d.user_lora_train, epochs=a.lora_epochs, learning_rate=a.lora_lr),
+                      fusion=replace(d.fusion, k=a.k, weighting=a.weighting, merge=a.merge),
+                      stack=replace(d.stack, rank=a.stack_rank, train=replace(d.stack.train, epochs=a.stack_epochs,
+                                                                              learning_rate=a.stack_lr)))
+    run_bench(cfg, bank_users, eval_users, a.out, a.reuse_bank, split, a.device, a.dtype)
+    print((Path(a.out) / "results.md").read_text())
+
+
+def cmd_serve(a) -> None:
+    try:
+        import uvicorn
+
+        from mta.serve.app import ServeConfig, create_app
+    except ImportError as e:
+        raise MTAError(f"serving needs the serve extra ({e.name} is missing): pip install -e '.[serve]'") from None
+    from mta.bank import Bank
+    from mta.fusion import FusionConfig
+    from mta.models import load_base, load_embedder
+    from mta.serve.store import UserStore
+    from mta.stacking import StackConfig
+
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    bank = Bank.load(a.bank)
+    model, tok = load_base(bank.manifest["base_model"], a.device, a.dtype)
+    cfg = ServeConfig(fusion=FusionConfig(k=a.k, merge=a.merge), stack=StackConfig(rank=a.stack_rank, train=_train_config(a)),
+                      max_batch=a.max_batch, max_queue=a.max_queue, max_wait_ms=a.max_wait_ms, max_new_tokens=a.max_new_tokens)
+    with UserStore(a.store) as store:
+        app = create_app(bank, store, model, tok, load_embedder(bank.manifest["embedding_model"]), cfg)
+        uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
+
+
+def cmd_export(a) -> None:
+    from mta.bank import Bank
+    from mta.export import export_stored_user, export_user, vllm_rank
+    from mta.serve.store import UserStore
+
+    if (a.user is None) == (a.store is None) or (a.store is not None and a.user_id is None):
+        raise MTAError("pass --user FOLDER (from mta personalize), or --store DIR and --user-id ID (from mta serve)")
+    bank = Bank.load(a.bank)
+    if a.store is not None:
+        with UserStore(a.store, readonly=True) as store:
+            w = export_stored_user(bank, store, a.user_id, a.out, a.pad_rank)
+    else:
+        w = export_user(bank, a.user, a.out, a.pad_rank)
+    print(f"wrote {a.out}: one PEFT LoRA adapter, rank {w.rank}, {len(w.modules)} modules")
+    print(f"vLLM: vllm serve BASE_MODEL --enable-lora --max-lora-rank {vllm_rank(w.rank)} --lora-modules user={a.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mta.models import DEFAULT_EMBEDDER, DEFAULT_MODEL
+    from mta.stacking import StackConfig
 
     p = argparse.ArgumentParser(prog="mta", description="Merge-then-Adapt personalized LLMs")
     sub = p.add_subparsers(dest="command", required=True)
@@ -184,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--retrieve", type=int, default=1, help="BM25 history items in each prompt")
     _train_args(b, epochs=2.0, lr=3e-4)
     _model_args(b)
+    _executor_args(b, "anchor")
     b.set_defaults(fn=cmd_bank_build)
     i = bank.add_parser("info", help="print a bank's manifest")
     i.add_argument("bank")
@@ -192,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("personalize", help="stages 2+3: fuse anchors for a user, train and save their stacked LoRA")
     s.add_argument("--bank", required=True)
     s.add_argument("--user-data", required=True)
-    s.add_argument("--user-id", required=True)
+    s.add_argument("--user-id", help="personalize this user into --out; without it: every user of --user-data, "
+                   "each into --out/<user_id>/")
     s.add_argument("--out", required=True)
     s.add_argument("--k", type=int, default=2)
     s.add_argument("--merge", default="exact", choices=["exact", "linear", "svd", "recipe"])
@@ -202,8 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stack-rank", type=int, default=2, choices=[1, 2, 3, 4])
     s.add_argument("--no-stack", action="store_true", help="fusion only: store just the fusion record")
     s.add_argument("--retrieve", type=int, default=1)
-    _train_args(s, epochs=2.0, lr=1e-3)
+    _train_args(s, epochs=StackConfig().train.epochs, lr=StackConfig().train.learning_rate)
     _model_args(s)
+    _executor_args(s, "user")
     s.set_defaults(fn=cmd_personalize)
 
     g = sub.add_parser("generate", help="personalized outputs for one input, or LaMP predictions for a data file")
@@ -229,6 +306,64 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--users", type=int, default=4, help="held-out users to personalize")
     _model_args(d)
     d.set_defaults(fn=cmd_demo)
+
+    from mta.bench import METHODS, BenchConfig
+
+    c = BenchConfig("LaMP-2")  # the defaults shown and used here are the library's
+    r = sub.add_parser("bench", help="LaMP benchmark: MTA against six baselines, quality and cost side by side")
+    r.add_argument("--task", required=True)
+    r.add_argument("--bank-users", help="LaMP data file of the users the bank is built from")
+    r.add_argument("--eval-users", help="LaMP data file of the users personalized and scored (never seen by the bank)")
+    r.add_argument("--data", help="instead of the two files: one LaMP data file, split here (written into --out)")
+    r.add_argument("--eval-fraction", type=float, default=1 / 3, help="with --data: share of users held out for eval")
+    r.add_argument("--seed", type=int, default=0, help="with --data: seed of the split")
+    r.add_argument("--out", required=True)
+    r.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    r.add_argument("--limit-users", type=int, default=None, help="quick check: at most N bank users and N eval users")
+    r.add_argument("--reuse-bank", default=None, help="a finished bank folder (e.g. an earlier run's OUT/bank) instead of building one")
+    r.add_argument("--model", default=c.base_model)
+    r.add_argument("--embedder", default=c.embedding_model)
+    r.add_argument("--num-clusters", type=int, default=c.anchors.num_clusters)
+    r.add_argument("--anchor-mode", choices=["user", "cluster"], default=c.anchors.mode)
+    r.add_argument("--bank-epochs", type=float, default=c.bank_train.epochs)
+    r.add_argument("--bank-lr", type=float, default=c.bank_train.learning_rate)
+    r.add_argument("--lora-epochs", type=float, default=c.user_lora_train.epochs, help="per-user-lora baseline")
+    r.add_argument("--lora-lr", type=float, default=c.user_lora_train.learning_rate, help="per-user-lora baseline")
+    r.add_argument("--k", type=int, default=c.fusion.k)
+    r.add_argument("--weighting", choices=["normalized", "softmax"], default=c.fusion.weighting)
+    r.add_argument("--merge", choices=["exact", "linear", "svd"], default=c.fusion.merge)
+    r.add_argument("--stack-rank", type=int, default=c.stack.rank, help="mta and stack-only")
+    r.add_argument("--stack-epochs", type=float, default=c.stack.train.epochs, help="mta, stack-only and recipe")
+    r.add_argument("--stack-lr", type=float, default=c.stack.train.learning_rate, help="mta, stack-only and recipe")
+    _model_args(r)
+    r.set_defaults(fn=cmd_bench)
+    v = sub.add_parser("serve", help="HTTP server: many users on one base model, batched per-row adapters (needs the serve extra)")
+    v.add_argument("--bank", required=True)
+    v.add_argument("--store", required=True, help="user store folder (created if missing)")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--k", type=int, default=2, help="anchors fused per user")
+    v.add_argument("--merge", default="exact", choices=["exact", "linear", "svd", "recipe"])
+    v.add_argument("--stack-rank", type=int, default=2, choices=[1, 2, 3, 4], help="rank of the LoRA trained by /adapt")
+    v.add_argument("--max-batch", type=int, default=8, help="requests sharing one forward pass")
+    v.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond this get 503")
+    v.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
+    v.add_argument("--max-new-tokens", type=int, default=128, help="ceiling on a request's max_new_tokens")
+    v.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    v.add_argument("--log-level", default="info")
+    _train_args(v, epochs=StackConfig().train.epochs, lr=StackConfig().train.learning_rate)
+    _model_args(v)
+    v.set_defaults(fn=cmd_serve)
+
+    x = sub.add_parser("export", help="one PEFT LoRA adapter (fused + stacked) for vLLM, LoRAX or TGI")
+    x.add_argument("--bank", required=True)
+    x.add_argument("--user", help="a user folder from mta personalize")
+    x.add_argument("--store", help="instead of --user: a store folder from mta serve (read-only, may be live) ...")
+    x.add_argument("--user-id", help="... and the user's id in it")
+    x.add_argument("--out", required=True)
+    x.add_argument("--pad-rank", type=int, default=None,
+                   help="zero-pad the rank to this (e.g. 8/16/32/64, what vLLM's --max-lora-rank takes); same outputs")
+    x.set_defaults(fn=cmd_export)
     return p
 
 

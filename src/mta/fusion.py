@@ -59,10 +59,10 @@ def merge_linear(As: list[Tensor], Bs: list[Tensor], w: Tensor, rank: int | None
 @register_merge("svd")
 def merge_svd(As: list[Tensor], Bs: list[Tensor], w: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor]:
     a, b = merge_exact(As, Bs, w)
-    r = min(rank or max(x.shape[0] for x in As), a.shape[0])
     qb, rb = torch.linalg.qr(b)  # ΔW = Qb (Rb Raᵀ) Qaᵀ: the SVD of a small core gives ΔW's
     qa, ra = torch.linalg.qr(a.T)
-    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
+    r = min(rank or max(x.shape[0] for x in As), len(s))  # ΔW has no more than min(out, in, k·r) directions
     root = s[:r].sqrt()
     return (root[:, None] * vh[:r]) @ qa.T, (qb @ u[:, :r]) * root
 

@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from mta.io import MTAError, atomic_dir
 
@@ -93,9 +93,12 @@ def load_base(name: str = DEFAULT_MODEL, device: str | None = None, dtype: str =
     return model, load_tokenizer(name)
 
 
-def model_signature(model: PreTrainedModel) -> dict:
-    """What an adapter must agree with: written into banks and checked when they are used."""
-    c = model.config
+def model_signature(model: PreTrainedModel | PretrainedConfig) -> dict:
+    """What an adapter must agree with: written into banks and checked when they are used.
+
+    A config will do, so a driver that trains nothing itself (the Ray executor) need not load the weights.
+    """
+    c = model if isinstance(model, PretrainedConfig) else model.config
     return {"model_type": c.model_type, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
             "vocab_size": c.vocab_size}
 

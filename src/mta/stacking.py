@@ -34,8 +34,8 @@ FUSED, STACK = "fused", "default"  # the stacked adapter is PEFT's "default", so
 class StackConfig:
     rank: int = 2
     alpha: float | None = None  # None → alpha = rank
-    target_modules: str | list[str] = "all-linear"
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2.0, learning_rate=1e-3))
+    target_modules: str | list[str] | None = None  # None: PEFT's default per architecture (q_proj, v_proj for Llama)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1.0, learning_rate=1e-3))
 
     def peft_config(self) -> LoraConfig:
         return LoraConfig(r=self.rank, lora_alpha=self.alpha or self.rank, target_modules=self.target_modules,
@@ -65,13 +65,17 @@ class UserRecord:
         return d
 
     @classmethod
-    def load(cls, folder: str | Path) -> "UserRecord":
-        d = read_json(Path(folder) / "user.json", "user record")
+    def from_dict(cls, d: dict, where: str = "user record") -> "UserRecord":
         try:
             return cls(str(d["user_id"]), d["task"], d["base_model"], d["bank_fingerprint"],
                        FusionRecord.from_dict(d["fusion"]) if d["fusion"] else None, d["stack"], d.get("mta_version", "?"))
         except (KeyError, TypeError) as e:
-            raise MTAError(f"user record {Path(folder) / 'user.json'} is malformed: missing {e}") from None
+            raise MTAError(f"{where} is malformed: missing {e}") from None
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "UserRecord":
+        path = Path(folder) / "user.json"
+        return cls.from_dict(read_json(path, "user record"), f"user record {path}")
 
 
 def base_of(model) -> torch.nn.Module:
@@ -113,10 +117,11 @@ def personalize(bank: Bank | None, user: User, cfg: PersonalizeConfig, model, to
             raise MTAError("fusion needs a bank")
         bank.check_model(model)
         fused, record = fuse(bank, profile_embedding(embedder, task, profile), cfg.fusion)
+    if cfg.stack is not None:  # seed before the stacked LoRA is created: its init must not depend on what ran before
+        torch.manual_seed(cfg.stack.train.seed)
     model = with_adapters(model, fused, cfg.stack)
     stack = None
     if cfg.stack is not None:
-        torch.manual_seed(cfg.stack.train.seed)
         stats = train(model, tokenizer, loo_examples(task, profile, cfg.num_retrieved), cfg.stack.train,
                       desc=f"stacking user {user.user_id}", progress=progress)
         stack = {"rank": cfg.stack.rank, "alpha": cfg.stack.alpha or cfg.stack.rank, "train_seconds": round(stats["seconds"], 3),
@@ -141,20 +146,31 @@ def user_bytes(folder: str | Path) -> int:
     return sum(f.stat().st_size for f in files)
 
 
-def load_personalized(bank: Bank | None, folder: str | Path, model) -> tuple[torch.nn.Module, UserRecord]:
-    """Base model → the user's fused adapter (rebuilt from the bank) + their stacked LoRA."""
+def fused_adapter(bank: Bank | None, record: UserRecord) -> LoraWeights | None:
+    """The user's fused adapter, rebuilt from the bank it was fused against; None when not fused."""
+    if record.fusion is None:
+        return None
+    if bank is None:
+        raise MTAError(f"user {record.user_id!r} was fused from a bank: pass --bank")
+    if record.bank_fingerprint != bank.fingerprint:
+        raise MTAError(f"user {record.user_id!r} was personalized against bank {record.bank_fingerprint}, "
+                       f"not {bank.fingerprint} ({bank.path})")
+    return merge(bank, record.fusion)
+
+
+def user_adapters(bank: Bank | None, folder: str | Path) -> tuple[UserRecord, LoraWeights | None, LoraWeights | None]:
+    """A user folder's record, fused adapter and stacked LoRA, as plain factors."""
     folder = Path(folder)
     record = UserRecord.load(folder)
-    fused = None
-    if record.fusion is not None:
-        if bank is None:
-            raise MTAError(f"user {record.user_id!r} was fused from a bank: pass --bank")
-        if record.bank_fingerprint != bank.fingerprint:
-            raise MTAError(f"user {record.user_id!r} was personalized against bank {record.bank_fingerprint}, "
-                           f"not {bank.fingerprint} ({bank.path})")
-        bank.check_model(model)
-        fused = merge(bank, record.fusion)
     stacked = LoraWeights.from_peft_dir(folder / "adapter") if record.stack is not None else None
+    return record, fused_adapter(bank, record), stacked
+
+
+def load_personalized(bank: Bank | None, folder: str | Path, model) -> tuple[torch.nn.Module, UserRecord]:
+    """Base model → the user's fused adapter (rebuilt from the bank) + their stacked LoRA."""
+    record, fused, stacked = user_adapters(bank, folder)
+    if fused is not None:
+        bank.check_model(model)
     return with_adapters(model, fused, stacked), record
 
 

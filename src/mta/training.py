@@ -42,6 +42,7 @@ def fit(ids: list[int], max_length: int, keep_head: int = 24) -> list[int]:
     """Cut the middle of an over-long prompt: the template's head and the question at the end survive."""
     if len(ids) <= max_length:
         return ids
+    keep_head = min(keep_head, max_length // 2)  # a tiny max_length still keeps both ends, and is never exceeded
     return ids[:keep_head] + ids[len(ids) - (max_length - keep_head):]
 
 

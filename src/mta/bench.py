@@ -1,0 +1,318 @@
+"""`mta bench`: MTA against six baselines on LaMP, quality and cost side by side (issue 3).
+
+One base model is loaded once and every method starts from it (`base_of` strips what the previous
+method attached). Methods differ only in how they adapt the model to a user — they are small functions
+behind `METHODS`, so they share the prompt template, the BM25 history item, the decoding, the timing
+and the scoring. The bank is built from the bank users only (or reused) and never sees an eval user.
+
+Output in the run folder: results.json, results.md, results.png, predictions/<method>.json (LaMP format),
+users/<method>/<user>/ (what each method stores to serve the user again), bank/ (unless reused).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from peft import get_peft_model
+from tqdm.auto import tqdm
+
+from mta.anchors import AnchorConfig
+from mta.bank import Bank, BankConfig, LoraSpec, build_bank
+from mta.data.lamp import User, load_users
+from mta.embedding import profile_embedding
+from mta.fusion import FusionConfig, merge, plan_fusion
+from mta.generation import generate
+from mta.io import MTAError, atomic_write_bytes, atomic_write_json
+from mta.metrics import LOWER_IS_BETTER
+from mta.models import DEFAULT_EMBEDDER, DEFAULT_MODEL, load_base, load_embedder
+from mta.stacking import PersonalizeConfig, StackConfig, base_of, personalize, save_user
+from mta.tasks import Task, get_task, loo_examples, query_prompt
+from mta.training import TrainConfig, train
+
+
+@dataclass
+class BenchConfig:
+    """Every setting of a run; written into results.json so a table can be traced to its settings."""
+
+    task: str
+    base_model: str = DEFAULT_MODEL
+    embedding_model: str = DEFAULT_EMBEDDER
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    num_retrieved: int = 1
+    anchors: AnchorConfig = field(default_factory=lambda: AnchorConfig(num_clusters=4, mode="cluster"))
+    lora: LoraSpec = field(default_factory=LoraSpec)  # rank 8: the bank's anchors and the per-user LoRA alike
+    bank_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1.0, learning_rate=5e-4))
+    user_lora_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3.0, learning_rate=5e-4))
+    fusion: FusionConfig = field(default_factory=FusionConfig)  # mta and merge-only
+    stack: StackConfig = field(default_factory=StackConfig)  # mta and stack-only
+    recipe_stack_rank: int = 4
+    limit_users: int | None = None  # a quick check: at most this many bank users and eval users
+
+    def bank_config(self) -> BankConfig:
+        return BankConfig(task=get_task(self.task).id, base_model=self.base_model, embedding_model=self.embedding_model,
+                          anchors=self.anchors, lora=self.lora, train=self.bank_train, num_retrieved=self.num_retrieved)
+
+
+@dataclass
+class Run:
+    """What every method needs besides the user and the model."""
+
+    cfg: BenchConfig
+    task: Task
+    tokenizer: object
+    embedder: object
+    bank: Bank | None
+    progress: bool
+
+
+# adapt(run, base model, user, folder to store the user in) -> (model to answer with, bytes stored for the user)
+AdaptFn = Callable[[Run, torch.nn.Module, User, Path], tuple[torch.nn.Module, int]]
+
+
+@dataclass(frozen=True)
+class Method:
+    adapt: AdaptFn
+    history: bool = True  # the BM25 top history item goes into the prompt
+    needs_bank: bool = False
+
+
+def _unadapted(run: Run, model, user: User, folder: Path) -> tuple[torch.nn.Module, int]:
+    return model, 0
+
+
+def _dir_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _per_user_lora(run: Run, model, user: User, folder: Path) -> tuple[torch.nn.Module, int]:
+    """OPPU-style: a LoRA of the bank's rank trained from scratch on the user's leave-one-out samples."""
+    torch.manual_seed(run.cfg.user_lora_train.seed)
+    pm = get_peft_model(model, run.cfg.lora.peft_config())
+    train(pm, run.tokenizer, loo_examples(run.task, user.profile, run.cfg.num_retrieved), run.cfg.user_lora_train,
+          desc=f"per-user LoRA {user.user_id}", progress=run.progress)
+    pm.save_pretrained(folder / "adapter")
+    return pm, _dir_bytes(folder / "adapter")
+
+
+def _personalized(settings: Callable[[BenchConfig], PersonalizeConfig]) -> AdaptFn:
+    """A method that is `personalize` with its own settings; stores what `save_user` writes."""
+    def adapt(run: Run, model, user: User, folder: Path) -> tuple[torch.nn.Module, int]:
+        pcfg = settings(run.cfg)
+        model, record = personalize(run.bank if pcfg.fusion else None, user, pcfg, model, run.tokenizer, run.embedder,
+                                    task=run.task, progress=run.progress)
+        return model, save_user(folder, model, record, user.profile)
+    return adapt
+
+
+def _recipe(c: BenchConfig) -> PersonalizeConfig:
+    """The published code: top-2 anchors, factor averaging with its α, rank-4 stacking."""
+    return PersonalizeConfig(FusionConfig(merge="recipe"), dataclasses.replace(c.stack, rank=c.recipe_stack_rank),
+                             c.num_retrieved)
+
+
+METHODS: dict[str, Method] = {
+    "base": Method(_unadapted, history=False),
+    "rag": Method(_unadapted),
+    "per-user-lora": Method(_per_user_lora),
+    "merge-only": Method(_personalized(lambda c: PersonalizeConfig(c.fusion, None, c.num_retrieved)), needs_bank=True),
+    "stack-only": Method(_personalized(lambda c: PersonalizeConfig(None, c.stack, c.num_retrieved))),
+    "recipe": Method(_personalized(_recipe), needs_bank=True),
+    "mta": Method(_personalized(lambda c: PersonalizeConfig(c.fusion, c.stack, c.num_retrieved)), needs_bank=True),
+}
+
+
+# -- data split ------------------------------------------------------------------------------------
+
+def split_users(users: list[User], eval_fraction: float, seed: int) -> tuple[list[User], list[User]]:
+    """A seeded shuffle, then the first share are eval users; file order is kept within each part."""
+    if not 0 < eval_fraction < 1:
+        raise MTAError(f"--eval-fraction must lie strictly between 0 and 1, got {eval_fraction}")
+    order = list(range(len(users)))
+    random.Random(seed).shuffle(order)
+    n_eval = round(eval_fraction * len(users))
+    if not 0 < n_eval < len(users):
+        raise MTAError(f"{len(users)} users cannot be split with eval fraction {eval_fraction}: one part would be empty")
+    held = set(order[:n_eval])
+    return [u for i, u in enumerate(users) if i not in held], [u for i, u in enumerate(users) if i in held]
+
+
+def write_users(path: Path, users: list[User]) -> None:
+    """The per-user LaMP layout, so a split can be rerun with --bank-users/--eval-users."""
+    atomic_write_json(path, [{"user_id": u.user_id, "profile": u.profile,
+                              "query": [dataclasses.asdict(q) for q in u.queries]} for u in users])
+
+
+def _check_disjoint(bank_users: list[User], eval_users: list[User], bank: Bank | None) -> None:
+    eval_ids = {u.user_id for u in eval_users}
+    shared = eval_ids & {u.user_id for u in bank_users}
+    if bank is not None:
+        shared |= eval_ids & {uid for a in bank.manifest["anchors"] for uid in a["user_ids"]}
+    if shared:
+        raise MTAError(f"eval user(s) {sorted(shared)[:5]} are also bank users: the bank must never see an eval user")
+
+
+def _check_eval_users(users: list[User]) -> None:
+    for u in users:
+        if not u.profile or not u.queries or any(q.gold is None for q in u.queries):
+            raise MTAError(f"eval user {u.user_id!r} needs a profile and queries with golds")
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+def _prepare_bank(cfg: BenchConfig, bank_users: list[User], out: Path, reuse: Path | None, model, tokenizer, embedder,
+                  progress: bool) -> tuple[Bank | None, float | None]:
+    """The bank, built once into out/bank (resuming an interrupted build) or reused; None when no method needs it."""
+    if not any(METHODS[m].needs_bank for m in cfg.methods):
+        return None, None
+    if reuse is not None:
+        bank = Bank.load(reuse)
+        if bank.task.id != get_task(cfg.task).id:
+            raise MTAError(f"bank {reuse} is for {bank.task.id}, not {get_task(cfg.task).id}")
+        return bank, None
+    start = time.perf_counter()
+    bank = build_bank(bank_users, out / "bank", cfg.bank_config(), model, tokenizer, embedder, progress)
+    return bank, time.perf_counter() - start
+
+
+def _fusion_ms(bank: Bank, run: Run, users: list[User], fusion: FusionConfig) -> float:
+    """Milliseconds to plan and merge one user's adapter, steady state: anchors already in memory, embedding untimed."""
+    total = 0.0
+    for u in users:
+        emb = profile_embedding(run.embedder, run.task, u.profile)
+        start = time.perf_counter()
+        merge(bank, plan_fusion(bank, emb, fusion))
+        total += time.perf_counter() - start
+    return 1000 * total / len(users)
+
+
+def run_bench(cfg: BenchConfig, bank_users: list[User], eval_users: list[User], out: str | Path,
+              reuse_bank: str | Path | None = None, split: dict | None = None, device: str | None = None,
+              dtype: str = "auto", progress: bool = True) -> dict:
+    """Build (or reuse) the bank, personalize every eval user with every method, score and write the report."""
+    out = Path(out)
+    task = get_task(cfg.task)
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown or not cfg.methods:
+        raise MTAError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
+    if cfg.limit_users is not None:
+        bank_users, eval_users = bank_users[: cfg.limit_users], eval_users[: cfg.limit_users]
+    _check_disjoint(bank_users, eval_users, None)
+    _check_eval_users(eval_users)
+    model, tokenizer = load_base(cfg.base_model, device, dtype)
+    embedder = load_embedder(cfg.embedding_model)
+    bank, bank_seconds = _prepare_bank(cfg, bank_users, out, Path(reuse_bank) if reuse_bank else None, model, tokenizer,
+                                       embedder, progress)
+    _check_disjoint(bank_users, eval_users, bank)
+    run = Run(cfg, task, tokenizer, embedder, bank, progress)
+
+    preds = {m: [] for m in cfg.methods}
+    cost = {m: {"train": 0.0, "infer": 0.0, "bytes": 0} for m in cfg.methods}
+    golds = [q.gold for u in eval_users for q in u.queries]
+    bar = tqdm(total=len(eval_users) * len(cfg.methods), desc=f"{task.id} users x methods", disable=not progress)
+    for user in eval_users:
+        for name in cfg.methods:
+            method = METHODS[name]
+            bar.set_postfix_str(f"user {user.user_id}: {name}")
+            model = base_of(model)  # strip the previous method's adapters outside the timer
+            start = time.perf_counter()
+            model, size = method.adapt(run, model, user, out / "users" / name / user.user_id)
+            cost[name]["train"] += time.perf_counter() - start
+            start = time.perf_counter()
+            prompts = [query_prompt(task, q.input, user.profile, cfg.num_retrieved if method.history else 0) for q in user.queries]
+            outputs = generate(model, tokenizer, prompts, task.max_new_tokens)
+            cost[name]["infer"] += time.perf_counter() - start
+            cost[name]["bytes"] += size
+            preds[name] += [{"id": q.id, "output": o} for q, o in zip(user.queries, outputs)]
+            bar.update()
+    bar.close()
+
+    n = len(eval_users)
+    methods = {}
+    for name in cfg.methods:
+        atomic_write_json(out / "predictions" / f"{name}.json", {"task": task.id, "golds": preds[name]})
+        scores = task.evaluate([p["output"] for p in preds[name]], golds)
+        methods[name] = {**scores, "train_seconds_per_user": cost[name]["train"] / n,
+                         "infer_seconds_per_user": cost[name]["infer"] / n, "bytes_per_user": cost[name]["bytes"] / n}
+    fusion_cfg = cfg.fusion if {"mta", "merge-only"} & set(cfg.methods) else FusionConfig(merge="recipe")
+    results = {
+        "task": task.id, "main_metric": task.main_metric, "n_eval_users": n, "n_bank_users": len(bank_users),
+        "methods": methods, "fusion_ms_per_user": _fusion_ms(bank, run, eval_users, fusion_cfg) if bank else None,
+        "bank_build_seconds": bank_seconds,
+        "config": {"bench": dataclasses.asdict(cfg), "bank": bank.config.to_dict() if bank else None,
+                   "bank_path": str(bank.path) if bank else None, "bank_fingerprint": bank.fingerprint if bank else None,
+                   "split": {**(split or {}), "bank_user_ids": [u.user_id for u in bank_users],
+                             "eval_user_ids": [u.user_id for u in eval_users]}},
+    }
+    atomic_write_json(out / "results.json", results)
+    atomic_write_bytes(out / "results.md", results_markdown(results).encode())
+    plot_results(results, out / "results.png")
+    return results
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+def results_markdown(results: dict) -> str:
+    methods = results["methods"]
+    metrics = [k for k in next(iter(methods.values())) if not k.endswith("_per_user")]
+    head = ["method", *metrics, "train s/user", "infer s/user", "bytes/user"]
+    lines = [f"## {results['task']}: {results['n_eval_users']} eval users, {results['n_bank_users']} bank users", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in methods.items():
+        cells = [name, *(f"{m[k]:.4f}" for k in metrics), f"{m['train_seconds_per_user']:.2f}",
+                 f"{m['infer_seconds_per_user']:.2f}", f"{m['bytes_per_user']:,.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    main = results["main_metric"]
+    lines += ["", f"Main metric: {main} ({'lower' if main in LOWER_IS_BETTER else 'higher'} is better)."]
+    if results["fusion_ms_per_user"] is not None:
+        lines.append(f"Fusion (plan + merge): {results['fusion_ms_per_user']:.1f} ms per user.")
+    if results["bank_build_seconds"] is not None:
+        lines.append(f"Bank build: {results['bank_build_seconds']:.0f} s.")
+    split = results["config"]["split"]
+    lines += [f"Eval users: {', '.join(split['eval_user_ids'])}.",
+              f"Settings: {json.dumps({k: v for k, v in split.items() if not k.endswith('_ids')})} "
+              "and `config` in results.json."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(results: dict, path: Path) -> None:
+    """Two bar charts: the main metric, and seconds per user (training + inference stacked)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = list(results["methods"])
+    m = results["methods"]
+    main = results["main_metric"]
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.bar_label(ax1.bar(names, [m[n][main] for n in names], color="tab:blue"), fmt="%.3f")
+    ax1.set_title(f"{results['task']} {main} ({results['n_eval_users']} eval users)")
+    train = [m[n]["train_seconds_per_user"] for n in names]
+    ax2.bar(names, train, label="train", color="tab:orange")
+    ax2.bar(names, [m[n]["infer_seconds_per_user"] for n in names], bottom=train, label="inference", color="tab:gray")
+    ax2.set_title("seconds per user")
+    ax2.legend()
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", labelrotation=30)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def load_split(task: Task, bank_file: str | None, eval_file: str | None, data_file: str | None, eval_fraction: float,
+               seed: int, out: Path) -> tuple[list[User], list[User], dict]:
+    """Either two files, or one file split here; a split made here is written into `out` to be rerun from."""
+    if data_file is not None:
+        bank_users, eval_users = split_users(load_users(data_file, task), eval_fraction, seed)
+        write_users(out / "bank_users.json", bank_users)
+        write_users(out / "eval_users.json", eval_users)
+        return bank_users, eval_users, {"data": str(data_file), "eval_fraction": eval_fraction, "seed": seed}
+    if not (bank_file and eval_file):
+        raise MTAError("pass --bank-users FILE and --eval-users FILE, or --data FILE to split here")
+    return load_users(bank_file, task), load_users(eval_file, task), {"bank_users": str(bank_file), "eval_users": str(eval_file)}

@@ -1,0 +1,182 @@
+"""LoraWeights: one ΔW = B·A convention (scaling folded into B) and a faithful bridge to PEFT."""
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+from conftest import logits, tiny_llama
+from mta.adapters import LoraWeights, attach, check_fits, extract
+from mta.io import MTAError
+from mta.models import load_base
+
+
+def _random_peft_adapter(model, folder, seed=0, **config):
+    """Save a PEFT adapter with random (non-zero) A and B under `folder`."""
+    pm = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", target_modules="all-linear", **config))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    pm.save_pretrained(folder)
+    return pm.unload()
+
+
+def _random_weights(model, rank, seed=0, modules=("q_proj", "v_proj", "down_proj")) -> LoraWeights:
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in modules:
+            out[name] = (torch.randn(rank, m.in_features, generator=gen) * 0.2, torch.randn(m.out_features, rank, generator=gen) * 0.2)
+    return LoraWeights(out)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(r=4, lora_alpha=4),
+        dict(r=4, lora_alpha=16),  # scaling 4 folded into B
+        dict(r=4, lora_alpha=8, use_rslora=True),  # scaling alpha/sqrt(r)
+        dict(r=4, lora_alpha=4, rank_pattern={"q_proj": 2}, alpha_pattern={"down_proj": 12}),
+        # PEFT matches pattern keys as regex suffixes of the module path, not only as full or short names
+        dict(r=4, lora_alpha=4, rank_pattern={"layers.0.self_attn.q_proj": 2}, alpha_pattern={r"layers\.1\.mlp\.\w+_proj": 12}),
+    ],
+    ids=["alpha=r", "alpha=4r", "rslora", "rank+alpha-pattern", "regex-patterns"],
+)
+def test_from_peft_dir_matches_peft_logits(tiny_model_dir, tmp_path, input_ids, config):
+    model, _ = load_base(str(tiny_model_dir), device="cpu")
+    base = _random_peft_adapter(model, tmp_path / "adapter", **config)
+    want = logits(PeftModel.from_pretrained(base, tmp_path / "adapter"), input_ids)
+
+    weights = LoraWeights.from_peft_dir(tmp_path / "adapter")
+    fresh, _ = load_base(str(tiny_model_dir), device="cpu")
+    got = logits(attach(fresh, weights, "mine"), input_ids)
+    plain = logits(load_base(str(tiny_model_dir), device="cpu")[0], input_ids)
+
+    assert not torch.allclose(want, plain, atol=1e-3), "the adapter must actually change the logits"
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_scaling_is_folded_into_b(tiny_model_dir, tmp_path):
+    model, _ = load_base(str(tiny_model_dir), device="cpu")
+    _random_peft_adapter(model, tmp_path / "a", r=4, lora_alpha=12)
+    raw = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    weights = LoraWeights.from_peft_dir(tmp_path / "a")
+    name = "model.layers.0.self_attn.q_proj"
+    a, b = weights.modules[name]
+    assert torch.equal(a, raw[f"base_model.model.{name}.lora_A.weight"])
+    torch.testing.assert_close(b, raw[f"base_model.model.{name}.lora_B.weight"] * 3.0)
+    assert weights.rank == 4
+
+
+def test_save_peft_dir_round_trip_is_a_standard_adapter(tiny_model_dir, tmp_path, input_ids):
+    model, _ = load_base(str(tiny_model_dir), device="cpu")
+    w = _random_weights(model, rank=3)
+    w.save_peft_dir(tmp_path / "adapter", base_model="tiny")
+
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["base_model_name_or_path"]) == (3, 3, "tiny")
+    back = LoraWeights.from_peft_dir(tmp_path / "adapter")
+    assert back.modules.keys() == w.modules.keys()
+    for n in w.modules:
+        assert torch.equal(back.modules[n][0], w.modules[n][0]) and torch.equal(back.modules[n][1], w.modules[n][1])
+
+    want = logits(PeftModel.from_pretrained(model, tmp_path / "adapter"), input_ids)
+    fresh, _ = load_base(str(tiny_model_dir), device="cpu")
+    torch.testing.assert_close(logits(attach(fresh, w, "x"), input_ids), want, atol=1e-5, rtol=1e-5)
+
+
+def test_padded_and_concat_keep_delta(tiny):
+    model, _ = tiny
+    w1, w2 = _random_weights(model, 2, seed=1), _random_weights(model, 3, seed=2, modules=("q_proj",))
+    padded = w1.padded(5)
+    for n in w1.modules:
+        assert padded.modules[n][0].shape[0] == 5
+        torch.testing.assert_close(padded.delta(n), w1.delta(n))
+    both = LoraWeights.concat([w1, w2])
+    assert both.modules.keys() == w1.modules.keys()
+    for n in w1.modules:
+        want = w1.delta(n) + (w2.delta(n) if n in w2.modules else 0)
+        torch.testing.assert_close(both.delta(n), want, atol=1e-6, rtol=1e-5)
+
+
+def test_mixed_ranks_attach_at_the_largest_rank(tiny, input_ids):
+    """Modules of different rank (svd output, rank_pattern) share one PEFT config by zero padding."""
+    model, _ = tiny
+    w = LoraWeights.concat([_random_weights(model, 2, modules=("q_proj",)), _random_weights(model, 5, seed=3, modules=("up_proj",))])
+    pm = attach(model, w, "mixed")
+    back = extract(pm, "mixed")
+    for n in w.modules:
+        torch.testing.assert_close(back.delta(n), w.delta(n))
+
+
+def test_extract_returns_what_was_attached(tiny):
+    model, _ = tiny
+    w, other = _random_weights(model, 4), _random_weights(model, 2, seed=9)
+    pm = attach(model, w, "x")
+    pm = attach(pm, other, "y")  # a second adapter must not leak into the first
+    back = extract(pm, "x")
+    assert back.modules.keys() == w.modules.keys()
+    for n in w.modules:
+        assert torch.equal(back.modules[n][0], w.modules[n][0]) and torch.equal(back.modules[n][1], w.modules[n][1])
+    with pytest.raises(MTAError, match="no adapter named 'nope'"):
+        extract(pm, "nope")
+
+
+def test_attach_replaces_an_adapter_of_the_same_name(tiny):
+    model, _ = tiny
+    w1, w2 = _random_weights(model, 4, seed=1), _random_weights(model, 2, seed=2)
+    pm = attach(attach(model, w1, "x"), w2, "x")
+    back = extract(pm, "x")
+    for n in w2.modules:
+        torch.testing.assert_close(back.delta(n), w2.delta(n))
+
+
+@pytest.mark.parametrize("call", [check_fits, lambda m, w: attach(m, w, "x")], ids=["check_fits", "attach"])
+def test_adapter_of_another_hidden_size_is_refused(tiny, call):
+    model, _ = tiny
+    w = _random_weights(model, 4)
+    other = tiny_llama(hidden_size=48)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(MTAError, match=r"does not fit the base model: model\.layers\.\d\.\S+ is \d+x48"):
+        call(other, w)
+    # nothing injected half-way: still a plain model with its own weights
+    assert not any("lora" in n for n, _ in other.named_modules())
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+
+
+def test_adapter_for_a_missing_layer_is_refused(tiny):
+    model, _ = tiny
+    w = LoraWeights({"model.layers.7.self_attn.q_proj": (torch.zeros(2, 32), torch.zeros(32, 2))})
+    with pytest.raises(MTAError, match="no linear layer 'model.layers.7.self_attn.q_proj'"):
+        check_fits(model, w)
+
+
+def test_from_peft_dir_bad_folders(tiny_model_dir, tmp_path):
+    model, _ = load_base(str(tiny_model_dir), device="cpu")
+    _random_peft_adapter(model, tmp_path / "a", r=2, lora_alpha=2)
+    with pytest.raises(MTAError, match="adapter config not found"):
+        LoraWeights.from_peft_dir(tmp_path / "missing")
+
+    cfg_path = tmp_path / "a" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "use_dora": True}))
+    with pytest.raises(MTAError, match="only plain LoRA adapters"):
+        LoraWeights.from_peft_dir(tmp_path / "a")
+    cfg_path.write_text(json.dumps(cfg))
+
+    st = tmp_path / "a" / "adapter_model.safetensors"
+    st.write_bytes(st.read_bytes()[:100])
+    with pytest.raises(MTAError, match="truncated or corrupt"):
+        LoraWeights.from_peft_dir(tmp_path / "a")
+
+
+def test_from_peft_state_dict_needs_both_factors():
+    a = torch.zeros(2, 4)
+    with pytest.raises(MTAError, match="lora_B.weight is missing"):
+        LoraWeights.from_peft_state_dict({"base_model.model.x.lora_A.weight": a}, {"r": 2})
+    with pytest.raises(MTAError, match="no LoRA tensors found"):
+        LoraWeights.from_peft_state_dict({"something.weight": a}, {"r": 2})

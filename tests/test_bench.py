@@ -1,0 +1,110 @@
+"""`mta bench` end to end on the tiny model: 9 bank users, 3 eval users, all seven methods."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mta.bench import METHODS, split_users
+from mta.cli import main
+from mta.data.lamp import load_users
+from mta.tasks import get_task
+
+FAST = ["--num-clusters", "3", "--bank-epochs", "1", "--lora-epochs", "1", "--stack-epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, movie_data, tiny_model_dir) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "run"
+    assert main(["bench", "--task", "LaMP-2", "--data", str(movie_data), "--eval-fraction", "0.25", "--out", str(out),
+                 "--model", str(tiny_model_dir), *FAST]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(run) -> dict:
+    return json.loads((run / "results.json").read_text())
+
+
+def test_results_schema(results):
+    assert results["task"] == "LaMP-2" and results["main_metric"] == "accuracy"
+    assert (results["n_eval_users"], results["n_bank_users"]) == (3, 9)
+    assert set(results["methods"]) == set(METHODS)
+    for m in results["methods"].values():
+        assert set(m) == {"accuracy", "f1", "train_seconds_per_user", "infer_seconds_per_user", "bytes_per_user"}
+        assert 0 <= m["accuracy"] <= 1 and m["infer_seconds_per_user"] > 0
+    assert results["fusion_ms_per_user"] > 0 and results["bank_build_seconds"] > 0
+    assert results["config"]["bank"]["anchors"]["num_clusters"] == 3
+    assert results["config"]["split"]["eval_fraction"] == 0.25
+
+
+def test_report_files(run):
+    table = (run / "results.md").read_text()
+    assert all(f"| {name} |" in table for name in METHODS)
+    assert (run / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_predictions_are_lamp_files_that_mta_eval_scores_alike(run, results, capsys):
+    eval_users = load_users(run / "eval_users.json")
+    ids = sorted(q.id for u in eval_users for q in u.queries)
+    for name in METHODS:
+        preds = json.loads((run / "predictions" / f"{name}.json").read_text())
+        assert preds["task"] == "LaMP-2" and sorted(p["id"] for p in preds["golds"]) == ids
+        capsys.readouterr()
+        assert main(["eval", "--task", "LaMP-2", "--predictions", str(run / "predictions" / f"{name}.json"),
+                     "--data", str(run / "eval_users.json")]) == 0
+        assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(results["methods"][name]["accuracy"], abs=1e-4)
+
+
+def test_bank_never_sees_eval_users(run, results, movie_data):
+    bank_ids = {u.user_id for u in load_users(run / "bank_users.json")}
+    eval_ids = {u.user_id for u in load_users(run / "eval_users.json")}
+    assert not bank_ids & eval_ids and bank_ids | eval_ids == {u.user_id for u in load_users(movie_data)}
+    assert eval_ids == set(results["config"]["split"]["eval_user_ids"])
+    manifest = json.loads((run / "bank" / "manifest.json").read_text())
+    trained_on = {uid for a in manifest["anchors"] for uid in a["user_ids"]}
+    assert trained_on and trained_on <= bank_ids
+
+
+def test_bytes_per_user(results):
+    b = {name: m["bytes_per_user"] for name, m in results["methods"].items()}
+    assert b["base"] == b["rag"] == 0
+    assert 0 < b["merge-only"] < 2000 < b["mta"] < b["recipe"] < b["per-user-lora"]
+    assert b["stack-only"] == pytest.approx(b["mta"], rel=0.05)
+
+
+def test_reuse_bank_from_the_written_split(run, results, tmp_path, tiny_model_dir):
+    out = tmp_path / "again"
+    assert main(["bench", "--task", "LaMP-2", "--bank-users", str(run / "bank_users.json"), "--eval-users",
+                 str(run / "eval_users.json"), "--out", str(out), "--model", str(tiny_model_dir), "--reuse-bank",
+                 str(run / "bank"), "--methods", "merge-only", "mta", "--limit-users", "2", *FAST]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert not (out / "bank").exists() and again["bank_build_seconds"] is None
+    assert again["config"]["bank_fingerprint"] == results["config"]["bank_fingerprint"]
+    assert set(again["methods"]) == {"merge-only", "mta"} and again["n_eval_users"] == 2
+    # the same bank gives the same fused adapter: merge-only answers the first two users as before
+    first = {p["id"]: p["output"] for p in json.loads((run / "predictions" / "merge-only.json").read_text())["golds"]}
+    for p in json.loads((out / "predictions" / "merge-only.json").read_text())["golds"]:
+        assert p["output"] == first[p["id"]]
+
+
+def test_refuses_a_bank_that_saw_eval_users(run, tmp_path, tiny_model_dir, capsys):
+    # the roles swapped: the reused bank was trained on what are now the eval users
+    assert main(["bench", "--task", "LaMP-2", "--bank-users", str(run / "eval_users.json"), "--eval-users",
+                 str(run / "bank_users.json"), "--out", str(tmp_path / "x"), "--model", str(tiny_model_dir),
+                 "--reuse-bank", str(run / "bank"), "--methods", "mta"]) == 2
+    assert "bank must never see an eval user" in capsys.readouterr().err
+
+
+def test_refuses_overlapping_user_files(movie_data, tmp_path, capsys):
+    assert main(["bench", "--task", "LaMP-2", "--bank-users", str(movie_data), "--eval-users", str(movie_data),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "bank must never see an eval user" in capsys.readouterr().err
+
+
+def test_split_is_seeded_and_disjoint(movie_data):
+    users = load_users(movie_data, get_task("LaMP-2"))
+    bank, held = split_users(users, 1 / 3, seed=0)
+    assert len(held) == 4 and len(bank) == 8 and not {u.user_id for u in bank} & {u.user_id for u in held}
+    assert [u.user_id for u in split_users(users, 1 / 3, seed=0)[1]] == [u.user_id for u in held]
+    assert [u.user_id for u in split_users(users, 1 / 3, seed=1)[1]] != [u.user_id for u in held]

@@ -1,0 +1,269 @@
+"""`mta` end to end on the tiny model, and exit code 2 with a clear message on bad input."""
+
+import contextlib
+import io
+import json
+import shutil
+
+import pytest
+
+from conftest import snapshot
+from mta.bank import Bank
+from mta.cli import main
+from mta.generation import generate
+from mta.models import load_base
+from mta.stacking import load_personalized, load_profile
+from mta.tasks import get_task, query_prompt
+
+FAST = ["--epochs", "1", "--batch-size", "8", "--max-length", "128", "--device", "cpu"]
+QUESTION = get_task("LaMP-2").item_pair({"description": "A rookie cop battles armed mercenaries in a skyscraper.", "tag": ""})[0]
+
+
+def _run(*argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, tiny_model_dir, movie_data):
+    """bank build → personalize three users (exact+stack, recipe+stack, svd without stack), once per module."""
+    root = tmp_path_factory.mktemp("cli")
+    steps = {}
+    steps["build"] = _run("bank", "build", "--task", "movie_tagging", "--data", movie_data, "--out", root / "bank",
+                          "--model", tiny_model_dir, "--num-clusters", "3", "--rank", "4", *FAST)
+    for uid, extra in [("0", []), ("5", ["--merge", "recipe", "--stack-rank", "1"]),
+                       ("6", ["--no-stack", "--merge", "svd", "--svd-rank", "2", "--k", "3"])]:
+        steps[uid] = _run("personalize", "--bank", root / "bank", "--user-data", movie_data, "--user-id", uid,
+                          "--out", root / "users" / uid, *extra, *FAST)
+    return root, steps
+
+
+def test_bank_build(pipeline):
+    root, steps = pipeline
+    rc, out, err = steps["build"]
+    assert rc == 0, err
+    bank = Bank.load(root / "bank")
+    assert out.strip() == f"bank {root / 'bank'}: 3 anchors {bank.anchor_ids}, fingerprint {bank.fingerprint}"
+    assert bank.manifest["task"] == "LaMP-2" and bank.config.lora.rank == 4 and bank.config.train.epochs == 1
+
+
+def test_bank_info(pipeline):
+    root, _ = pipeline
+    rc, out, _ = _run("bank", "info", root / "bank")
+    assert rc == 0
+    bank = Bank.load(root / "bank")
+    assert out.startswith(f"task LaMP-2  base {bank.manifest['base_model']}")
+    assert all(f"  {a}: users" in out for a in bank.anchor_ids)
+
+
+@pytest.mark.parametrize("uid, anchors, merge, stacked", [("0", 2, "exact", True), ("5", 2, "recipe", True), ("6", 3, "svd", False)])
+def test_personalize(pipeline, uid, anchors, merge, stacked):
+    root, steps = pipeline
+    rc, out, err = steps[uid]
+    assert rc == 0, err
+    folder = root / "users" / uid
+    record = json.loads((folder / "user.json").read_text())
+    assert record["user_id"] == uid and record["fusion"]["merge"] == merge
+    assert len(record["fusion"]["anchor_ids"]) == anchors
+    assert (folder / "adapter" / "adapter_model.safetensors").exists() == stacked
+    assert out.splitlines()[0].startswith(f"user {uid}: anchors {record['fusion']['anchor_ids']}")
+    assert ("fusion record only" in out) == (not stacked)
+
+
+def test_generate_one_input_matches_the_library(pipeline, tiny_model_dir):
+    root, _ = pipeline
+    rc, out, err = _run("generate", "--bank", root / "bank", "--user", root / "users" / "0", "--input", QUESTION,
+                        "--max-new-tokens", "5", "--device", "cpu")
+    assert rc == 0, err
+    model, tok = load_base(str(tiny_model_dir), device="cpu")
+    model, _ = load_personalized(Bank.load(root / "bank"), root / "users" / "0", model)
+    prompt = query_prompt(get_task("LaMP-2"), QUESTION, load_profile(root / "users" / "0"))
+    assert out == generate(model, tok, [prompt], 5)[0] + "\n"
+
+
+@pytest.fixture(scope="module")
+def predictions(pipeline, movie_data):
+    root, _ = pipeline
+    result = _run("generate", "--bank", root / "bank", "--user", root / "users", "--data", movie_data,
+                  "--out", root / "preds.json", "--device", "cpu")
+    return root / "preds.json", result
+
+
+def test_generate_batch_writes_lamp_predictions(predictions, movie_data):
+    path, (rc, out, err) = predictions
+    assert rc == 0, err
+    assert out.strip() == f"wrote 3 predictions to {path}"
+    preds = json.loads(path.read_text())
+    want = {q["id"] for u in json.loads(movie_data.read_text()) if str(u["user_id"]) in {"0", "5", "6"} for q in u["query"]}
+    assert preds["task"] == "LaMP-2" and {g["id"] for g in preds["golds"]} == want
+    assert all(isinstance(g["output"], str) for g in preds["golds"])
+
+
+def test_eval_prints_metrics(predictions, movie_data):
+    path, _ = predictions
+    rc, out, err = _run("eval", "--task", "2", "--predictions", path, "--data", movie_data)
+    assert rc == 0, err
+    scores = json.loads(out)
+    assert scores["task"] == "LaMP-2" and scores["n"] == 3
+    assert 0 <= scores["accuracy"] <= 1 and 0 <= scores["f1"] <= 1
+
+
+def test_eval_of_perfect_predictions(tmp_path, movie_data):
+    golds = [{"id": q["id"], "output": q["gold"]} for u in json.loads(movie_data.read_text()) for q in u["query"]]
+    (tmp_path / "p.json").write_text(json.dumps({"task": "LaMP-2", "golds": golds}))
+    rc, out, _ = _run("eval", "--task", "LaMP-2", "--predictions", tmp_path / "p.json", "--data", movie_data)
+    assert rc == 0 and json.loads(out)["n"] == 12 and json.loads(out)["accuracy"] == 1.0
+
+
+# -- bad input: exit code 2, one clear line on stderr, nothing written -----------------------------------------------
+
+def _fails(capsys, argv, message):
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert rc == 2
+    assert err.startswith("mta: error: ") and len(err.strip().splitlines()) == 1, err
+    assert message in err, err
+    return err
+
+
+def _build(data, out, model, *extra):
+    return ["bank", "build", "--task", "LaMP-2", "--data", data, "--out", out, "--model", model, "--num-clusters", "3",
+            "--rank", "4", *extra, *FAST]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("users.json", '[{"user_id": 1, "profile": [}]', "is not valid JSON (line 1"),
+    ("users.json", json.dumps([{"user_id": 1}]), "user #0: missing field(s) ['profile']"),
+    ("users.json", json.dumps([{"user_id": 1, "profile": [{"description": "d"}]}]), "lacks field(s) ['tag'] required by LaMP-2"),
+    ("dev_questions.json", '[{"id": "1", "input": "q", "profile": []', "is not valid JSON"),
+    ("dev_questions.json", json.dumps([{"id": "1", "profile": []}]), "question #0: missing field(s) ['input']"),
+], ids=["per-user-json", "per-user-field", "per-user-item", "official-json", "official-field"])
+def test_bank_build_bad_data(capsys, tmp_path, tiny_model_dir, name, content, message):
+    (tmp_path / name).write_text(content)
+    _fails(capsys, _build(tmp_path / name, tmp_path / "bank", tiny_model_dir), message)
+    assert not (tmp_path / "bank").exists()
+
+
+def test_bank_build_bad_outputs_file(capsys, tmp_path, tiny_model_dir):
+    (tmp_path / "dev_questions.json").write_text(json.dumps([{"id": "1", "input": "q", "profile": []}]))
+    (tmp_path / "dev_outputs.json").write_text(json.dumps({"golds": [{"id": "1"}]}))
+    _fails(capsys, _build(tmp_path / "dev_questions.json", tmp_path / "bank", tiny_model_dir), "gold #0: missing field(s) ['output']")
+    assert not (tmp_path / "bank").exists()
+
+
+def test_bank_build_unknown_task(capsys, tmp_path, movie_data, tiny_model_dir):
+    argv = _build(movie_data, tmp_path / "bank", tiny_model_dir)
+    argv[argv.index("LaMP-2")] = "LaMP-9"
+    _fails(capsys, argv, "unknown task 'LaMP-9'; known tasks: LaMP-1 (citation)")
+    assert not (tmp_path / "bank").exists()
+
+
+def test_bank_build_missing_model(capsys, tmp_path, movie_data):
+    _fails(capsys, _build(movie_data, tmp_path / "bank", tmp_path / "no-model"), "cannot load model")
+    assert not (tmp_path / "bank").exists()
+
+
+def test_bank_build_with_other_settings_is_refused(capsys, pipeline, tmp_path, movie_data, tiny_model_dir):
+    root, _ = pipeline
+    shutil.copytree(root / "bank", tmp_path / "bank")
+    (tmp_path / "bank" / "manifest.json").unlink()
+    before = snapshot(tmp_path / "bank")
+    argv = _build(movie_data, tmp_path / "bank", tiny_model_dir)
+    argv[argv.index("--rank") + 1] = "8"
+    _fails(capsys, argv, "holds a bank started with other settings or data; use another --out or delete it")
+    assert snapshot(tmp_path / "bank") == before
+
+
+def _personalize(bank, data, uid, out, *extra):
+    return ["personalize", "--bank", bank, "--user-data", data, "--user-id", uid, "--out", out, *extra, *FAST]
+
+
+def test_personalize_unknown_user(capsys, pipeline, tmp_path, movie_data):
+    root, _ = pipeline
+    _fails(capsys, _personalize(root / "bank", movie_data, "999", tmp_path / "u"), "unknown user '999': not among the 12 users")
+    assert not (tmp_path / "u").exists()
+
+
+def test_personalize_empty_profile(capsys, pipeline, tmp_path, movie_data):
+    root, _ = pipeline
+    data = json.loads(movie_data.read_text()) + [{"user_id": "new", "profile": [], "query": []}]
+    (tmp_path / "users.json").write_text(json.dumps(data))
+    _fails(capsys, _personalize(root / "bank", tmp_path / "users.json", "new", tmp_path / "u"),
+           "user 'new' has an empty profile: there is no history to personalize from")
+    assert not (tmp_path / "u").exists()
+
+
+def test_personalize_k_larger_than_the_bank(capsys, pipeline, tmp_path, movie_data):
+    root, _ = pipeline
+    _fails(capsys, _personalize(root / "bank", movie_data, "1", tmp_path / "u", "--k", "4"),
+           "k=4 is out of range: the bank has 3 anchor(s)")
+    assert not (tmp_path / "u").exists()
+
+
+def test_personalize_on_an_unfinished_bank(capsys, pipeline, tmp_path, movie_data):
+    root, _ = pipeline
+    shutil.copytree(root / "bank", tmp_path / "bank")
+    (tmp_path / "bank" / "manifest.json").unlink()
+    _fails(capsys, _personalize(tmp_path / "bank", movie_data, "1", tmp_path / "u"),
+           "did not finish; rerun `mta bank build` with the same arguments to resume it")
+    assert not (tmp_path / "u").exists()
+
+
+def test_personalize_with_a_corrupt_anchor(capsys, pipeline, tmp_path, movie_data):
+    root, _ = pipeline
+    shutil.copytree(root / "bank", tmp_path / "bank")
+    for f in (tmp_path / "bank" / "anchors").glob("*/adapter_model.safetensors"):
+        f.write_bytes(f.read_bytes()[:-10])
+    _fails(capsys, _personalize(tmp_path / "bank", movie_data, "1", tmp_path / "u"), "does not match the bank manifest (changed or corrupt)")
+    assert not (tmp_path / "u").exists()
+
+
+def test_generate_needs_input_or_data(capsys, pipeline):
+    root, _ = pipeline
+    _fails(capsys, ["generate", "--bank", root / "bank", "--user", root / "users" / "0", "--device", "cpu"],
+           "pass --input TEXT, or --data FILE and --out FILE for batch mode")
+
+
+def test_generate_input_needs_one_user(capsys, pipeline):
+    root, _ = pipeline
+    _fails(capsys, ["generate", "--bank", root / "bank", "--user", root / "users", "--input", "x", "--device", "cpu"],
+           "--input answers for one user: pass a single user folder")
+
+
+def test_generate_not_a_user_folder(capsys, tmp_path):
+    _fails(capsys, ["generate", "--user", tmp_path, "--input", "x"], "is neither a user folder (with user.json) nor a folder of them")
+
+
+def test_generate_without_the_bank(capsys, pipeline):
+    root, _ = pipeline
+    _fails(capsys, ["generate", "--user", root / "users" / "0", "--input", "x", "--device", "cpu"], "was fused from a bank: pass --bank")
+
+
+def test_generate_batch_user_not_in_data(capsys, pipeline, tmp_path, movie_data):
+    root, _ = pipeline
+    data = [u for u in json.loads(movie_data.read_text()) if str(u["user_id"]) != "5"]
+    (tmp_path / "d.json").write_text(json.dumps(data))
+    _fails(capsys, ["generate", "--bank", root / "bank", "--user", root / "users", "--data", tmp_path / "d.json",
+                    "--out", tmp_path / "preds.json", "--device", "cpu"], "user '5'")
+    assert not (tmp_path / "preds.json").exists()
+
+
+@pytest.mark.parametrize("preds, message", [
+    ("[1, 2", "predictions file"),
+    ({"golds": "x"}, "expected LaMP predictions"),
+    ({"golds": [{"id": "1"}]}, "prediction #0 needs 'id' and 'output'"),
+    ({"golds": [{"id": "nope", "output": "comedy"}]}, "1 prediction id(s) have no gold in"),
+])
+def test_eval_bad_predictions(capsys, tmp_path, movie_data, preds, message):
+    (tmp_path / "p.json").write_text(preds if isinstance(preds, str) else json.dumps(preds))
+    _fails(capsys, ["eval", "--task", "LaMP-2", "--predictions", tmp_path / "p.json", "--data", movie_data], message)
+
+
+def test_argparse_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["personalize", "--merge", "ties"])
+    assert e.value.code == 2
+    assert "invalid choice: 'ties'" in capsys.readouterr().err
