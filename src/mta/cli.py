@@ -109,6 +109,7 @@ def cmd_generate(a) -> None:
     from mta.bank import Bank
     from mta.data.lamp import load_users
     from mta.generation import generate
+    from mta.io import atomic_write_json
     from mta.models import load_base
     from mta.stacking import UserRecord, load_personalized, load_profile
     from mta.tasks import get_task, query_prompt
@@ -133,12 +134,10 @@ def cmd_generate(a) -> None:
         model, record = load_personalized(bank, folder, model)
         if record.user_id not in users:
             raise MTAError(f"user {record.user_id!r} ({folder}) is not in {a.data}")
-        queries = users[record.user_id].queries
-        prompts = [query_prompt(task, q.input, load_profile(folder), a.retrieve) for q in queries]
+        queries, profile = users[record.user_id].queries, load_profile(folder)
+        prompts = [query_prompt(task, q.input, profile, a.retrieve) for q in queries]
         outs = generate(model, tok, prompts, a.max_new_tokens or task.max_new_tokens)
         golds += [{"id": q.id, "output": o} for q, o in zip(queries, outs)]
-    from mta.io import atomic_write_json
-
     atomic_write_json(a.out, {"task": task.id, "golds": golds})
     print(f"wrote {len(golds)} predictions to {a.out}")
 
