@@ -106,7 +106,7 @@ def bank_config(tiny_model_dir):
     from mta.bank import BankConfig, LoraSpec
     from mta.training import TrainConfig
 
-    return BankConfig(task="LaMP-2", base_model=str(tiny_model_dir), anchors=AnchorConfig(num_clusters=3, min_history=5),
+    return BankConfig(task="LaMP-2", base_model=str(tiny_model_dir), anchors=AnchorConfig(num_clusters=3, min_history=5, mode="user"),
                       lora=LoraSpec(rank=4), train=TrainConfig(epochs=1, batch_size=8, max_length=128, learning_rate=1e-2))
 
 

@@ -26,7 +26,7 @@ def _group_of(anchor, ids, groups):
 
 def test_user_mode_picks_the_longest_history_per_cluster(population):
     ids, lengths, emb, groups = population
-    anchors = select_anchors(ids, lengths, emb, AnchorConfig(num_clusters=3, min_history=5))
+    anchors = select_anchors(ids, lengths, emb, AnchorConfig(num_clusters=3, min_history=5, mode="user"))
     assert [a.id for a in anchors] == ["anchor_000", "anchor_001", "anchor_002"]
     assert sorted(a.cluster for a in anchors) == [0, 1, 2]
     chosen = sorted(a.user_ids[0] for a in anchors)
@@ -40,7 +40,7 @@ def test_user_mode_picks_the_longest_history_per_cluster(population):
 
 def test_tie_goes_to_the_most_typical_user():
     emb = np.array([[1.0, 0.0], [1.0, 0.3], [1.0, -0.05]], dtype=np.float32)  # centroid ≈ (1, 0.08)
-    (anchor,) = select_anchors(["a", "b", "c"], [5, 5, 5], emb, AnchorConfig(num_clusters=1, min_history=1))
+    (anchor,) = select_anchors(["a", "b", "c"], [5, 5, 5], emb, AnchorConfig(num_clusters=1, min_history=1, mode="user"))
     assert anchor.user_ids == ["a"]
 
 

@@ -10,7 +10,7 @@ from mta.cli import main
 from mta.data.lamp import load_users
 from mta.tasks import get_task
 
-FAST = ["--num-clusters", "3", "--bank-epochs", "1", "--lora-epochs", "1", "--stack-epochs", "1"]
+FAST = ["--num-clusters", "3", "--bank-epochs", "1", "--lora-epochs", "1", "--stack-epochs", "1", "--stack-only-epochs", "1"]
 
 
 @pytest.fixture(scope="module")

@@ -28,12 +28,12 @@ def _run(*argv):
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, tiny_model_dir, movie_data):
-    """bank build → personalize three users (exact+stack, recipe+stack, svd without stack), once per module."""
+    """bank build → personalize three users (exact+stack on the top layer, recipe+stack, svd without stack), once per module."""
     root = tmp_path_factory.mktemp("cli")
     steps = {}
     steps["build"] = _run("bank", "build", "--task", "movie_tagging", "--data", movie_data, "--out", root / "bank",
                           "--model", tiny_model_dir, "--num-clusters", "3", "--rank", "4", *FAST)
-    for uid, extra in [("0", []), ("5", ["--merge", "recipe", "--stack-rank", "1"]),
+    for uid, extra in [("0", ["--k", "2", "--stack-top-layers", "1"]), ("5", ["--merge", "recipe", "--stack-rank", "1"]),
                        ("6", ["--no-stack", "--merge", "svd", "--svd-rank", "2", "--k", "3"])]:
         steps[uid] = _run("personalize", "--bank", root / "bank", "--user-data", movie_data, "--user-id", uid,
                           "--out", root / "users" / uid, *extra, *FAST)

@@ -9,7 +9,7 @@ from peft import PeftModel
 from conftest import logits
 from mta.cli import main
 from mta.export import export_stored_user, export_user, vllm_rank
-from mta.fusion import merge, plan_fusion
+from mta.fusion import FusionConfig, merge, plan_fusion
 from mta.io import MTAError
 from mta.models import load_base
 from mta.serve.store import UserStore
@@ -25,7 +25,7 @@ FAST = TrainConfig(epochs=2, batch_size=4, max_length=128, learning_rate=1e-2)
 def user_dir(tmp_path_factory, random_bank, tiny_model_dir, users):
     """A user fused from two random anchors (rank 4 each) with a trained rank-2 stacked LoRA: rank 10 in all."""
     model, tok = load_base(str(tiny_model_dir), device="cpu")
-    record = plan_fusion(random_bank, torch.tensor([1.0, 0.5, 0.0]))
+    record = plan_fusion(random_bank, torch.tensor([1.0, 0.5, 0.0]), FusionConfig(k=2))
     fused = merge(random_bank, record)
     model = with_adapters(model, fused, StackConfig(rank=2, train=FAST))
     torch.manual_seed(0)

@@ -82,6 +82,20 @@ def test_stacked_lora_only_without_fusion(tiny_model_dir):
     assert all((f".{STACK}." in n) == p.requires_grad for n, p in model.named_parameters())
 
 
+def test_top_layers_puts_the_stack_on_the_last_layers_only(tiny_model_dir, fused, input_ids):
+    base = _fresh(tiny_model_dir)
+    n = base.config.num_hidden_layers
+    model = with_adapters(base, fused, StackConfig(rank=2, top_layers=1))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(f"layers.{n - 1}." in name for name in trainable)
+    assert any(f".{FUSED}." in name and "layers.0." in name for name, _ in model.named_parameters())
+    deeper = with_adapters(_fresh(tiny_model_dir), fused, StackConfig(top_layers=n + 5))  # more than the model has: all
+    assert {n for n, p in deeper.named_parameters() if p.requires_grad} >= trainable
+    assert any("layers.0." in name for name, p in deeper.named_parameters() if p.requires_grad)
+    with pytest.raises(MTAError, match="top_layers must be at least 1"):
+        with_adapters(_fresh(tiny_model_dir), fused, StackConfig(top_layers=0))
+
+
 def test_with_adapters_rewraps_instead_of_nesting(tiny_model_dir, fused, input_ids):
     """Reusing one model for user after user: each call starts from the plain base weights."""
     model = with_adapters(_fresh(tiny_model_dir), fused, StackConfig())
@@ -94,10 +108,11 @@ def test_with_adapters_rewraps_instead_of_nesting(tiny_model_dir, fused, input_i
 
 @pytest.mark.parametrize("fusion, stack", [
     (FusionConfig(k=2), StackConfig(rank=2, train=FAST)),
+    (FusionConfig(k=2), StackConfig(rank=2, top_layers=1, train=FAST)),
     (FusionConfig(k=3, merge="svd", rank=3), None),  # merge-only: no adapter folder
     (FusionConfig(merge="recipe"), StackConfig(rank=1, train=FAST)),
     (None, StackConfig(rank=2, train=FAST)),  # stack-only: no bank needed to load
-], ids=["exact+stack", "svd-only", "recipe+stack", "stack-only"])
+], ids=["exact+stack", "exact+stack-top-layer", "svd-only", "recipe+stack", "stack-only"])
 def test_save_and_load_give_identical_logits(tiny_bank, tiny_model_dir, users, embedder, tmp_path, input_ids, fusion, stack):
     user = users[1]
     model, tok = load_base(str(tiny_model_dir), device="cpu")

@@ -20,7 +20,7 @@ from mta.io import MTAError
 class AnchorConfig:
     num_clusters: int = 8
     min_history: int = 5
-    mode: Literal["user", "cluster"] = "user"
+    mode: Literal["user", "cluster"] = "cluster"  # tuned (benchmarks/results/tuning.md): user mode was worst
     seed: int = 0
 
 

@@ -39,19 +39,26 @@ from mta.training import TrainConfig, train
 
 @dataclass
 class BenchConfig:
-    """Every setting of a run; written into results.json so a table can be traced to its settings."""
+    """Every setting of a run; written into results.json so a table can be traced to its settings.
+
+    Defaults are the winners of benchmarks/tune.py on tuning users (benchmarks/results/tuning.md), the
+    library's own defaults where MTA's settings are concerned; bank epochs are set by the 60-minute budget.
+    """
 
     task: str
     base_model: str = DEFAULT_MODEL
     embedding_model: str = DEFAULT_EMBEDDER
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     num_retrieved: int = 1
-    anchors: AnchorConfig = field(default_factory=lambda: AnchorConfig(num_clusters=4, mode="cluster"))
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
     lora: LoraSpec = field(default_factory=LoraSpec)  # rank 8: the bank's anchors and the per-user LoRA alike
     bank_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1.0, learning_rate=5e-4))
-    user_lora_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3.0, learning_rate=5e-4))
+    user_lora_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3.0, learning_rate=2e-3))  # tuned
     fusion: FusionConfig = field(default_factory=FusionConfig)  # mta and merge-only
-    stack: StackConfig = field(default_factory=StackConfig)  # mta and stack-only
+    stack: StackConfig = field(default_factory=StackConfig)  # mta
+    # stack-only, tuned on its own: from the base model a rank-2 LoRA needs 3 epochs at 1e-2 (benchmarks/results/tuning.md)
+    stack_only: StackConfig = field(default_factory=lambda: StackConfig(
+        top_layers=None, train=TrainConfig(epochs=3.0, learning_rate=1e-2)))
     recipe_stack_rank: int = 4
     limit_users: int | None = None  # a quick check: at most this many bank users and eval users
 
@@ -122,7 +129,7 @@ METHODS: dict[str, Method] = {
     "rag": Method(_unadapted),
     "per-user-lora": Method(_per_user_lora),
     "merge-only": Method(_personalized(lambda c: PersonalizeConfig(c.fusion, None, c.num_retrieved)), needs_bank=True),
-    "stack-only": Method(_personalized(lambda c: PersonalizeConfig(None, c.stack, c.num_retrieved))),
+    "stack-only": Method(_personalized(lambda c: PersonalizeConfig(None, c.stack_only, c.num_retrieved))),
     "recipe": Method(_personalized(_recipe), needs_bank=True),
     "mta": Method(_personalized(lambda c: PersonalizeConfig(c.fusion, c.stack, c.num_retrieved)), needs_bank=True),
 }

@@ -49,6 +49,43 @@ def _train_config(a):
     return TrainConfig(epochs=a.epochs, learning_rate=a.lr, batch_size=a.batch_size, max_length=a.max_length, seed=a.seed)
 
 
+def _fusion_args(p: argparse.ArgumentParser, svd: bool = False) -> None:
+    """Fusion flags, defaults from FusionConfig: the tuned library defaults are the CLI's."""
+    from mta.fusion import FusionConfig
+
+    d = FusionConfig()
+    p.add_argument("--k", type=int, default=d.k, help="anchors fused per user")
+    p.add_argument("--weighting", choices=["normalized", "softmax"], default=d.weighting)
+    p.add_argument("--temperature", type=float, default=d.temperature, help="softmax weighting")
+    p.add_argument("--merge", choices=["exact", "linear", "svd", "recipe"], default=d.merge)
+    if svd:
+        p.add_argument("--svd-rank", type=int, default=None)
+
+
+def _fusion_config(a):
+    from mta.fusion import FusionConfig
+
+    return FusionConfig(k=a.k, weighting=a.weighting, temperature=a.temperature, merge=a.merge,
+                        rank=getattr(a, "svd_rank", None))
+
+
+def _stack_args(p: argparse.ArgumentParser) -> None:
+    """Stacked-LoRA flags, defaults from StackConfig; --epochs/--lr/... come with _train_args."""
+    from mta.stacking import StackConfig
+
+    d = StackConfig()
+    p.add_argument("--stack-rank", type=int, default=d.rank, choices=[1, 2, 3, 4])
+    p.add_argument("--stack-top-layers", type=int, default=d.top_layers,
+                   help="stacked LoRA on the top N decoder layers only (default %(default)s; None: all layers)")
+    _train_args(p, epochs=d.train.epochs, lr=d.train.learning_rate)
+
+
+def _stack_config(a):
+    from mta.stacking import StackConfig
+
+    return StackConfig(rank=a.stack_rank, top_layers=a.stack_top_layers, train=_train_config(a))
+
+
 def cmd_bank_build(a) -> None:
     from mta.anchors import AnchorConfig
     from mta.bank import BankConfig, LoraSpec
@@ -80,15 +117,13 @@ def cmd_personalize(a) -> None:
     from mta.bank import Bank
     from mta.data.lamp import find_user, load_users
     from mta.executors import run_personalize, store_folders
-    from mta.fusion import FusionConfig
-    from mta.stacking import PersonalizeConfig, StackConfig
+    from mta.stacking import PersonalizeConfig
 
     bank = Bank.load(a.bank)
     users = load_users(a.user_data, bank.task)
     jobs = [(find_user(users, a.user_id), Path(a.out))] if a.user_id is not None else store_folders(users, a.out)
-    fusion = FusionConfig(k=a.k, weighting=a.weighting, temperature=a.temperature, merge=a.merge, rank=a.svd_rank)
-    stack = None if a.no_stack else StackConfig(rank=a.stack_rank, train=_train_config(a))
-    results = run_personalize(a.bank, jobs, PersonalizeConfig(fusion, stack, a.retrieve), a.executor, a.ray_address,
+    stack = None if a.no_stack else _stack_config(a)
+    results = run_personalize(a.bank, jobs, PersonalizeConfig(_fusion_config(a), stack, a.retrieve), a.executor, a.ray_address,
                               a.device, a.dtype)
     for (user, folder), (record, size) in zip(jobs, results):
         f = record.fusion
@@ -185,9 +220,11 @@ def cmd_bench(a) -> None:
                       anchors=replace(d.anchors, num_clusters=a.num_clusters, mode=a.anchor_mode),
                       bank_train=replace(d.bank_train, epochs=a.bank_epochs, learning_rate=a.bank_lr),
                       user_lora_train=replace(d.user_lora_train, epochs=a.lora_epochs, learning_rate=a.lora_lr),
-                      fusion=replace(d.fusion, k=a.k, weighting=a.weighting, merge=a.merge),
-                      stack=replace(d.stack, rank=a.stack_rank, train=replace(d.stack.train, epochs=a.stack_epochs,
-                                                                              learning_rate=a.stack_lr)))
+                      fusion=_fusion_config(a),
+                      stack=replace(d.stack, rank=a.stack_rank, top_layers=a.stack_top_layers,
+                                    train=replace(d.stack.train, epochs=a.stack_epochs, learning_rate=a.stack_lr)),
+                      stack_only=replace(d.stack_only, rank=a.stack_only_rank, train=replace(
+                          d.stack_only.train, epochs=a.stack_only_epochs, learning_rate=a.stack_only_lr)))
     run_bench(cfg, bank_users, eval_users, a.out, a.reuse_bank, split, a.device, a.dtype)
     print((Path(a.out) / "results.md").read_text())
 
@@ -200,10 +237,8 @@ def cmd_serve(a) -> None:
     except ImportError as e:
         raise MTAError(f"serving needs the serve extra ({e.name} is missing): pip install -e '.[serve]'") from None
     from mta.bank import Bank
-    from mta.fusion import FusionConfig
     from mta.models import load_base, load_embedder
     from mta.serve.store import UserStore
-    from mta.stacking import StackConfig
 
     if a.threads:
         import torch
@@ -211,7 +246,7 @@ def cmd_serve(a) -> None:
         torch.set_num_threads(a.threads)
     bank = Bank.load(a.bank)
     model, tok = load_base(bank.manifest["base_model"], a.device, a.dtype)
-    cfg = ServeConfig(fusion=FusionConfig(k=a.k, merge=a.merge), stack=StackConfig(rank=a.stack_rank, train=_train_config(a)),
+    cfg = ServeConfig(fusion=_fusion_config(a), stack=_stack_config(a),
                       max_batch=a.max_batch, max_queue=a.max_queue, max_wait_ms=a.max_wait_ms, max_new_tokens=a.max_new_tokens)
     with UserStore(a.store) as store:
         app = create_app(bank, store, model, tok, load_embedder(bank.manifest["embedding_model"]), cfg)
@@ -236,8 +271,8 @@ def cmd_export(a) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mta.anchors import AnchorConfig
     from mta.models import DEFAULT_EMBEDDER, DEFAULT_MODEL
-    from mta.stacking import StackConfig
 
     p = argparse.ArgumentParser(prog="mta", description="Merge-then-Adapt personalized LLMs")
     sub = p.add_subparsers(dest="command", required=True)
@@ -249,9 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True)
     b.add_argument("--model", default=DEFAULT_MODEL, help=f"HF id, local folder or {DEFAULT_MODEL} (embedded)")
     b.add_argument("--embedder", default=DEFAULT_EMBEDDER, help="sentence-transformers id or folder")
-    b.add_argument("--num-clusters", type=int, default=8)
-    b.add_argument("--min-history", type=int, default=5)
-    b.add_argument("--anchor-mode", choices=["user", "cluster"], default="user",
+    b.add_argument("--num-clusters", type=int, default=AnchorConfig().num_clusters)
+    b.add_argument("--min-history", type=int, default=AnchorConfig().min_history)
+    b.add_argument("--anchor-mode", choices=["user", "cluster"], default=AnchorConfig().mode,
                    help="user: the paper's anchor user; cluster: pooled cluster histories (our extension)")
     b.add_argument("--rank", type=int, default=8)
     b.add_argument("--retrieve", type=int, default=1, help="BM25 history items in each prompt")
@@ -269,15 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--user-id", help="personalize this user into --out; without it: every user of --user-data, "
                    "each into --out/<user_id>/")
     s.add_argument("--out", required=True)
-    s.add_argument("--k", type=int, default=2)
-    s.add_argument("--merge", default="exact", choices=["exact", "linear", "svd", "recipe"])
-    s.add_argument("--weighting", default="normalized", choices=["normalized", "softmax"])
-    s.add_argument("--temperature", type=float, default=0.1)
-    s.add_argument("--svd-rank", type=int, default=None)
-    s.add_argument("--stack-rank", type=int, default=2, choices=[1, 2, 3, 4])
+    _fusion_args(s, svd=True)
+    _stack_args(s)
     s.add_argument("--no-stack", action="store_true", help="fusion only: store just the fusion record")
     s.add_argument("--retrieve", type=int, default=1)
-    _train_args(s, epochs=StackConfig().train.epochs, lr=StackConfig().train.learning_rate)
     _model_args(s)
     _executor_args(s, "user")
     s.set_defaults(fn=cmd_personalize)
@@ -328,12 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--bank-lr", type=float, default=c.bank_train.learning_rate)
     r.add_argument("--lora-epochs", type=float, default=c.user_lora_train.epochs, help="per-user-lora baseline")
     r.add_argument("--lora-lr", type=float, default=c.user_lora_train.learning_rate, help="per-user-lora baseline")
-    r.add_argument("--k", type=int, default=c.fusion.k)
-    r.add_argument("--weighting", choices=["normalized", "softmax"], default=c.fusion.weighting)
-    r.add_argument("--merge", choices=["exact", "linear", "svd"], default=c.fusion.merge)
-    r.add_argument("--stack-rank", type=int, default=c.stack.rank, help="mta and stack-only")
-    r.add_argument("--stack-epochs", type=float, default=c.stack.train.epochs, help="mta, stack-only and recipe")
-    r.add_argument("--stack-lr", type=float, default=c.stack.train.learning_rate, help="mta, stack-only and recipe")
+    _fusion_args(r)  # mta and merge-only
+    r.add_argument("--stack-rank", type=int, default=c.stack.rank, help="mta")
+    r.add_argument("--stack-top-layers", type=int, default=c.stack.top_layers, help="mta")
+    r.add_argument("--stack-epochs", type=float, default=c.stack.train.epochs, help="mta and recipe")
+    r.add_argument("--stack-lr", type=float, default=c.stack.train.learning_rate, help="mta and recipe")
+    r.add_argument("--stack-only-rank", type=int, default=c.stack_only.rank, help="stack-only baseline")
+    r.add_argument("--stack-only-epochs", type=float, default=c.stack_only.train.epochs, help="stack-only baseline")
+    r.add_argument("--stack-only-lr", type=float, default=c.stack_only.train.learning_rate, help="stack-only baseline")
     _model_args(r)
     r.set_defaults(fn=cmd_bench)
     v = sub.add_parser("serve", help="HTTP server: many users on one base model, batched per-row adapters (needs the serve extra)")
@@ -341,16 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--store", required=True, help="user store folder (created if missing)")
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
-    v.add_argument("--k", type=int, default=2, help="anchors fused per user")
-    v.add_argument("--merge", default="exact", choices=["exact", "linear", "svd", "recipe"])
-    v.add_argument("--stack-rank", type=int, default=2, choices=[1, 2, 3, 4], help="rank of the LoRA trained by /adapt")
+    _fusion_args(v)
+    _stack_args(v)  # the LoRA trained by /adapt
     v.add_argument("--max-batch", type=int, default=8, help="requests sharing one forward pass")
     v.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond this get 503")
     v.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
     v.add_argument("--max-new-tokens", type=int, default=128, help="ceiling on a request's max_new_tokens")
     v.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     v.add_argument("--log-level", default="info")
-    _train_args(v, epochs=StackConfig().train.epochs, lr=StackConfig().train.learning_rate)
     _model_args(v)
     v.set_defaults(fn=cmd_serve)
 

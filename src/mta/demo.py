@@ -48,9 +48,9 @@ def run_demo(out: Path, model_name: str, num_eval_users: int = 4, device: str | 
     print(f"data: {source}\n{len(bank_users)} bank users, {len(eval_users)} held-out users")
     model, tok = load_base(model_name, device, dtype)
     embedder = load_embedder(DEFAULT_EMBEDDER)
-    cfg = BankConfig(task=task.id, base_model=model_name, anchors=AnchorConfig(num_clusters=4, min_history=5, mode="cluster"),
+    cfg = BankConfig(task=task.id, base_model=model_name, anchors=AnchorConfig(),
                      train=TrainConfig(epochs=1, learning_rate=5e-4))
-    print("stage 1: building the Meta-LoRA bank (4 anchors, each trained on its cluster's pooled histories)")
+    print(f"stage 1: building the Meta-LoRA bank ({cfg.anchors.num_clusters} anchors, each trained on its cluster's pooled histories)")
     bank = build_bank(bank_users, out / "bank", cfg, model, tok, embedder)
     rows, base_preds, mta_preds, golds = [], [], [], []
     for user in eval_users:

@@ -90,7 +90,7 @@ def weights_published(sims: Tensor, temperature: float) -> Tensor:
 
 @dataclass
 class FusionConfig:
-    k: int = 2
+    k: int = 1  # tuned on LaMP-2/4 (benchmarks/results/tuning.md): the nearest anchor alone beat k = 2..4
     weighting: Literal["normalized", "softmax", "published"] = "normalized"
     temperature: float = 0.1
     merge: str = "exact"  # exact | linear | svd | recipe

@@ -1,0 +1,219 @@
+"""Tuning sweep for `mta bench` (issue 3): MTA's settings and the baselines', on tuning users only.
+
+The tuning users come out of the benchmark's *bank* users (same seeded split as benchmarks/run_lamp.sh),
+so the benchmark's eval users are never seen here. A tuning bank is built from the remaining bank users.
+Each tuning user answers its own query plus its last `--holdout` profile items, which are removed from
+its profile first: three scored answers per personalization instead of one, at the same training cost.
+
+Stages run in order (coordinate descent); each stage starts from the winners of the stages before it.
+A winner is the trial with the best mean, over both tasks, of its main metric divided by that task's
+best in the stage; ties go to the earlier trial, the cheaper or current setting. Trials are resumable:
+a finished trial folder is read back, not rerun.
+
+Usage: python benchmarks/tune.py [--out runs/tune] [--stages fusion bank mta stack-only per-user-lora]
+Writes benchmarks/results/tuning.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+from mta.anchors import AnchorConfig
+from mta.bank import build_bank
+from mta.bench import BenchConfig, run_bench, split_users
+from mta.data.lamp import Query, User, load_users
+from mta.fusion import FusionConfig
+from mta.io import atomic_write_bytes, atomic_write_json
+from mta.models import load_base, load_embedder
+from mta.stacking import StackConfig
+from mta.tasks import get_task
+from mta.training import TrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data" / "lamp"
+# task, data file, the benchmark's eval fraction (as in run_lamp.sh), tuning users drawn from its bank users
+TASKS = [("LaMP-2", DATA / "movie_tagging.json", 0.3333, 8), ("LaMP-4", DATA / "news_headline.json", 0.375, 8)]
+
+Override = Callable[[BenchConfig], BenchConfig]
+
+
+def before_tuning(task: str) -> BenchConfig:
+    """The settings before tuning (chosen by reasoning), spelled out so the sweep does not move with the defaults."""
+    stack = StackConfig(rank=2, top_layers=None, train=TrainConfig(epochs=1.0, learning_rate=1e-3))
+    return BenchConfig(task, anchors=AnchorConfig(num_clusters=4, mode="cluster"), fusion=FusionConfig(k=2),
+                       stack=stack, stack_only=stack, bank_train=TrainConfig(epochs=1.0, learning_rate=5e-4),
+                       user_lora_train=TrainConfig(epochs=3.0, learning_rate=5e-4))
+
+
+def _fusion(k: int, weighting: str = "normalized", temperature: float = 0.1) -> Override:
+    return lambda c: replace(c, fusion=replace(c.fusion, k=k, weighting=weighting, temperature=temperature))
+
+
+def _bank(mode: str, clusters: int, fusion: Override | None = None) -> Override:
+    def apply(c: BenchConfig) -> BenchConfig:
+        c = replace(c, anchors=replace(c.anchors, mode=mode, num_clusters=clusters),
+                    fusion=replace(c.fusion, k=min(c.fusion.k, clusters)))
+        return fusion(c) if fusion else c
+    return apply
+
+
+def _stack(field: str, rank: int, epochs: float, lr: float) -> Override:
+    def apply(c: BenchConfig) -> BenchConfig:
+        s = getattr(c, field)
+        return replace(c, **{field: replace(s, rank=rank, train=replace(s.train, epochs=epochs, learning_rate=lr))})
+    return apply
+
+
+def _top_layers(n: int | None, epochs: float | None = None, lr: float | None = None) -> Override:
+    def apply(c: BenchConfig) -> BenchConfig:
+        train = replace(c.stack.train, epochs=epochs or c.stack.train.epochs, learning_rate=lr or c.stack.train.learning_rate)
+        return replace(c, stack=replace(c.stack, top_layers=n, train=train))
+    return apply
+
+
+def _lora(epochs: float, lr: float) -> Override:
+    return lambda c: replace(c, user_lora_train=replace(c.user_lora_train, epochs=epochs, learning_rate=lr))
+
+
+# stage: (the method that scores it, [(trial name, override)]); the first trial is the setting before tuning.
+# MTA's stack keeps 1 epoch: its training time must stay within 1/3 of the per-user LoRA's.
+STAGES: dict[str, tuple[str, list[tuple[str, Override]]]] = {
+    "fusion": ("merge-only", [
+        ("k2-normalized", _fusion(2)), ("k1", _fusion(1)),
+        ("k2-softmax-t0.05", _fusion(2, "softmax", 0.05)), ("k2-softmax-t0.02", _fusion(2, "softmax", 0.02)),
+        ("k3-normalized", _fusion(3)), ("k3-softmax-t0.05", _fusion(3, "softmax", 0.05)),
+        ("k4-normalized", _fusion(4)), ("k4-softmax-t0.05", _fusion(4, "softmax", 0.05)),
+    ]),
+    "bank": ("merge-only", [("cluster-4", _bank("cluster", 4)), ("user-8", _bank("user", 8)),
+                            ("cluster-8", _bank("cluster", 8)),  # more, finer anchors: fusing two may pay again
+                            ("cluster-8-k2", _bank("cluster", 8, _fusion(2))),
+                            ("cluster-8-k2-softmax-t0.02", _bank("cluster", 8, _fusion(2, "softmax", 0.02)))]),
+    "mta": ("mta", [
+        ("r2-lr1e-3", _stack("stack", 2, 1, 1e-3)), ("r2-lr3e-3", _stack("stack", 2, 1, 3e-3)),
+        ("r2-lr1e-2", _stack("stack", 2, 1, 1e-2)), ("r1-lr3e-3", _stack("stack", 1, 1, 3e-3)),
+        ("r4-lr3e-3", _stack("stack", 4, 1, 3e-3)),
+    ]),
+    "mta-layers": ("mta", [("all", _top_layers(None)), ("top15", _top_layers(15)), ("top8", _top_layers(8))]),
+    # a top-15 step costs ~3/4 of a full one: 1.5 epochs there stay within the 1/3 time budget
+    "mta-epochs": ("mta", [("ep1", _top_layers(None)), ("top15-ep1.5-lr3e-3", _top_layers(15, 1.5, 3e-3)),
+                           ("top15-ep1.5-lr1e-2", _top_layers(15, 1.5, 1e-2))]),
+    "stack-only": ("stack-only", [
+        ("r2-ep1-lr1e-3", _stack("stack_only", 2, 1, 1e-3)), ("r2-ep3-lr3e-3", _stack("stack_only", 2, 3, 3e-3)),
+        ("r2-ep3-lr1e-2", _stack("stack_only", 2, 3, 1e-2)), ("r4-ep3-lr3e-3", _stack("stack_only", 4, 3, 3e-3)),
+    ]),
+    "per-user-lora": ("per-user-lora", [
+        ("ep3-lr5e-4", _lora(3, 5e-4)), ("ep3-lr2e-3", _lora(3, 2e-3)), ("ep2-lr2e-3", _lora(2, 2e-3)),
+    ]),
+}
+
+
+def tuning_users(data: Path, eval_fraction: float, n: int, holdout: int, seed: int = 0) -> tuple[list[User], list[User]]:
+    """(tuning-bank users, tuning users): both from the benchmark's bank users, never its eval users."""
+    task = get_task("LaMP-2" if "movie" in data.name else "LaMP-4")
+    bank_users, _ = split_users(load_users(data, task), eval_fraction, seed)
+    picked = set(random.Random(seed + 1).sample(range(len(bank_users)), n))
+    tune = []
+    for i in sorted(picked):
+        u = bank_users[i]
+        extra = [Query(f"{u.user_id}-p{j}", *map(str, task.item_pair(item)))
+                 for j, item in enumerate(u.profile[-holdout:])]
+        tune.append(User(u.user_id, u.profile[:-holdout], extra + u.queries))
+    return [u for i, u in enumerate(bank_users) if i not in picked], tune
+
+
+# settings a method's result does not depend on: a later stage may change them without invalidating it
+UNUSED = {
+    "merge-only": {"stack", "stack_only", "user_lora_train", "recipe_stack_rank"},
+    "mta": {"stack_only", "user_lora_train", "recipe_stack_rank"},
+    "stack-only": {"anchors", "fusion", "stack", "bank_train", "lora", "user_lora_train", "recipe_stack_rank"},
+    "per-user-lora": {"anchors", "fusion", "stack", "stack_only", "bank_train", "recipe_stack_rank"},
+}
+
+
+def _same(saved, now) -> bool:
+    """Equal settings; a field missing from `saved` was added to the code later, with today's default."""
+    if isinstance(now, dict):
+        return isinstance(saved, dict) and all(k not in saved or _same(saved[k], v) for k, v in now.items())
+    return saved == now
+
+
+def run_trial(cfg: BenchConfig, method: str, bank_users: list[User], tune_users: list[User], out: Path,
+              banks: Path, cached_only: bool = False) -> dict:
+    cfg = replace(cfg, methods=[method])
+    settings = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items() if k not in UNUSED[method]}
+    for done in [out / "results.json", *sorted(out.parent.parent.glob("*/*/results.json"))]:  # the same trial, run before
+        if done.exists() and _same((r := json.loads(done.read_text()))["config"]["bench"], settings):
+            return r
+    if cached_only:
+        raise SystemExit(f"{out}: not run yet (--cached-only)")
+    bank_dir = banks / f"{cfg.anchors.mode}-{cfg.anchors.num_clusters}"
+    if method in ("merge-only", "mta") and not (bank_dir / "manifest.json").exists():
+        model, tokenizer = load_base(cfg.base_model)
+        build_bank(bank_users, bank_dir, cfg.bank_config(), model, tokenizer, load_embedder(cfg.embedding_model))
+    return run_bench(cfg, bank_users, tune_users, out, bank_dir if method in ("merge-only", "mta") else None,
+                     {"tuning": True}, progress=False)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/tune")
+    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
+    p.add_argument("--holdout", type=int, default=2)
+    p.add_argument("--report", default=str(ROOT / "benchmarks" / "results" / "tuning"))
+    p.add_argument("--cached-only", action="store_true", help="rewrite the report from finished trials, run nothing")
+    a = p.parse_args()
+    out = Path(a.out)
+    splits = {t: tuning_users(f, frac, n, a.holdout) for t, f, frac, n in TASKS}
+    cfgs = {t: before_tuning(t) for t, *_ in TASKS}  # each stage's winner is folded in before the next stage
+    report: dict = {"holdout": a.holdout, "tuning_users": {t: [u.user_id for u in s[1]] for t, s in splits.items()},
+                    "stages": {}}
+    for stage in a.stages:
+        method, trials = STAGES[stage]
+        scores: dict[str, dict[str, dict]] = {}
+        for name, override in trials:
+            for task, (bank_users, tune_users) in splits.items():
+                cfg = override(cfgs[task])
+                start = time.perf_counter()
+                r = run_trial(cfg, method, bank_users, tune_users, out / task / stage / name, out / task / "banks",
+                              a.cached_only)
+                m = r["methods"][method]
+                scores.setdefault(name, {})[task] = {**m, "main": m[r["main_metric"]]}
+                print(f"[{stage}] {task} {name}: {r['main_metric']}={m[r['main_metric']]:.4f} "
+                      f"train {m['train_seconds_per_user']:.1f} s/user ({time.perf_counter() - start:.0f} s)", flush=True)
+        best_of = {t: max(s[t]["main"] for s in scores.values()) or 1.0 for t in splits}
+        combined = {n: sum(s[t]["main"] / best_of[t] for t in splits) / len(splits) for n, s in scores.items()}
+        winner = max(combined, key=lambda n: (combined[n], -list(combined).index(n)))
+        cfgs = {t: dict(trials)[winner](c) for t, c in cfgs.items()}
+        report["stages"][stage] = {"method": method, "winner": winner, "combined": combined, "trials": scores}
+        print(f"[{stage}] winner: {winner} (combined {combined[winner]:.3f})", flush=True)
+        report["settings"] = {t: dataclasses.asdict(c) for t, c in cfgs.items()}
+        atomic_write_json(Path(a.report + ".json"), report)
+        atomic_write_bytes(Path(a.report + ".md"), markdown(report).encode())
+
+
+def markdown(report: dict) -> str:
+    tasks = list(report["tuning_users"])
+    lines = ["# Tuning sweep (benchmarks/tune.py)", "",
+             f"Tuning users (drawn from the benchmark's bank users; eval users never seen): "
+             + "; ".join(f"{t}: {len(ids)}" for t, ids in report["tuning_users"].items())
+             + f". Each answers its query plus its last {report['holdout']} profile items (removed from its profile).", ""]
+    for stage, s in report["stages"].items():
+        lines += [f"## {stage} (scored by {s['method']}; winner **{s['winner']}**)", "",
+                  "| trial | " + " | ".join(f"{t} main | {t} train s/user" for t in tasks) + " | combined |",
+                  "|---|" + "---|---|" * len(tasks) + "---|"]
+        for name, per_task in s["trials"].items():
+            cells = [f"{per_task[t]['main']:.4f} | {per_task[t]['train_seconds_per_user']:.1f}" for t in tasks]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {s['combined'][name]:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
