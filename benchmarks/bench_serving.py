@@ -2,7 +2,7 @@
 
 For 1, 4 and 8 distinct users per batch, `mta.serve.batched.generate_rows` runs each row with its own
 adapter — fused from 2 anchors of rank 8 by exact merging (rank 16 on all linear layers) plus a stacked
-LoRA of the library's default shape (`StackConfig()`) — against the same rows on the base model without
+LoRA of rank 2 on q_proj/v_proj of every layer — against the same rows on the base model without
 adapters. Generation has a fixed length (no early stop) so both sides do the same work; prompts are
 LaMP-2 queries with one retrieved history item. Runs alternate between the two sides so that machine
 noise hits both alike. For scale: the naive alternative, one PEFT model per user, one after the other.
@@ -26,7 +26,7 @@ import torch
 
 from mta.adapters import LoraWeights, extract
 from mta.embedding import profile_embedding
-from mta.fusion import merge, plan_fusion
+from mta.fusion import FusionConfig, merge, plan_fusion
 from mta.models import load_base, load_embedder
 from mta.serve.batched import PerRowLora, Row, generate_rows
 from mta.stacking import STACK, StackConfig, base_of, with_adapters
@@ -62,8 +62,9 @@ def main() -> None:
     users = served[: max(args.batch_sizes)]
     parts, prompts = [], []
     for u in users:
-        fused = merge(bank, plan_fusion(bank, profile_embedding(embedder, TASK, u.profile)))
-        peft_model = with_adapters(model, None, StackConfig())
+        # k = 2 and a stack on every layer: heavier than today's defaults (k = 1, top 15 layers), so a bound
+        fused = merge(bank, plan_fusion(bank, profile_embedding(embedder, TASK, u.profile), FusionConfig(k=2)))
+        peft_model = with_adapters(model, None, StackConfig(top_layers=None))
         parts.append((fused, extract(peft_model, STACK)))
         model = base_of(peft_model)
         prompts.append(fit(prompt_ids(tok, query_prompt(TASK, u.queries[0].input, u.profile)), 384))
