@@ -7,10 +7,10 @@ its profile first: three scored answers per personalization instead of one, at t
 
 Stages run in order (coordinate descent); each stage starts from the winners of the stages before it.
 A winner is the trial with the best mean, over both tasks, of its main metric divided by that task's
-best in the stage; ties go to the earlier trial, the cheaper or current setting. Trials are resumable:
-a finished trial folder is read back, not rerun.
+best in the stage; ties go to the earlier trial, the cheaper or pre-tuning setting. Trials are resumable:
+a finished trial with the same settings (those its method uses) is read back, not rerun.
 
-Usage: python benchmarks/tune.py [--out runs/tune] [--stages fusion bank mta stack-only per-user-lora]
+Usage: python benchmarks/tune.py [--out runs/tune] [--stages STAGE ...] [--cached-only]
 Writes benchmarks/results/tuning.{json,md}.
 """
 
@@ -27,7 +27,7 @@ from typing import Callable
 
 from mta.anchors import AnchorConfig
 from mta.bank import build_bank
-from mta.bench import BenchConfig, run_bench, split_users
+from mta.bench import METHODS, BenchConfig, run_bench, split_users
 from mta.data.lamp import Query, User, load_users
 from mta.fusion import FusionConfig
 from mta.io import atomic_write_bytes, atomic_write_json
@@ -83,7 +83,8 @@ def _lora(epochs: float, lr: float) -> Override:
 
 
 # stage: (the method that scores it, [(trial name, override)]); the first trial is the setting before tuning.
-# MTA's stack keeps 1 epoch: its training time must stay within 1/3 of the per-user LoRA's.
+# MTA's stack gets about one full-layer epoch of compute: its training time must stay within 1/3 of the
+# per-user LoRA's (3 epochs).
 STAGES: dict[str, tuple[str, list[tuple[str, Override]]]] = {
     "fusion": ("merge-only", [
         ("k2-normalized", _fusion(2)), ("k1", _fusion(1)),
@@ -114,9 +115,10 @@ STAGES: dict[str, tuple[str, list[tuple[str, Override]]]] = {
 }
 
 
-def tuning_users(data: Path, eval_fraction: float, n: int, holdout: int, seed: int = 0) -> tuple[list[User], list[User]]:
+def tuning_users(task_id: str, data: Path, eval_fraction: float, n: int, holdout: int,
+                 seed: int = 0) -> tuple[list[User], list[User]]:
     """(tuning-bank users, tuning users): both from the benchmark's bank users, never its eval users."""
-    task = get_task("LaMP-2" if "movie" in data.name else "LaMP-4")
+    task = get_task(task_id)
     bank_users, _ = split_users(load_users(data, task), eval_fraction, seed)
     picked = set(random.Random(seed + 1).sample(range(len(bank_users)), n))
     tune = []
@@ -153,12 +155,11 @@ def run_trial(cfg: BenchConfig, method: str, bank_users: list[User], tune_users:
             return r
     if cached_only:
         raise SystemExit(f"{out}: not run yet (--cached-only)")
-    bank_dir = banks / f"{cfg.anchors.mode}-{cfg.anchors.num_clusters}"
-    if method in ("merge-only", "mta") and not (bank_dir / "manifest.json").exists():
+    bank_dir = banks / f"{cfg.anchors.mode}-{cfg.anchors.num_clusters}" if METHODS[method].needs_bank else None
+    if bank_dir is not None and not (bank_dir / "manifest.json").exists():  # shared by the trials that use it
         model, tokenizer = load_base(cfg.base_model)
         build_bank(bank_users, bank_dir, cfg.bank_config(), model, tokenizer, load_embedder(cfg.embedding_model))
-    return run_bench(cfg, bank_users, tune_users, out, bank_dir if method in ("merge-only", "mta") else None,
-                     {"tuning": True}, progress=False)
+    return run_bench(cfg, bank_users, tune_users, out, bank_dir, {"tuning": True}, progress=False)
 
 
 def main() -> None:
@@ -170,7 +171,7 @@ def main() -> None:
     p.add_argument("--cached-only", action="store_true", help="rewrite the report from finished trials, run nothing")
     a = p.parse_args()
     out = Path(a.out)
-    splits = {t: tuning_users(f, frac, n, a.holdout) for t, f, frac, n in TASKS}
+    splits = {t: tuning_users(t, f, frac, n, a.holdout) for t, f, frac, n in TASKS}
     cfgs = {t: before_tuning(t) for t, *_ in TASKS}  # each stage's winner is folded in before the next stage
     report: dict = {"holdout": a.holdout, "tuning_users": {t: [u.user_id for u in s[1]] for t, s in splits.items()},
                     "stages": {}}

@@ -76,8 +76,25 @@ def _stack_args(p: argparse.ArgumentParser) -> None:
     d = StackConfig()
     p.add_argument("--stack-rank", type=int, default=d.rank, choices=[1, 2, 3, 4])
     p.add_argument("--stack-top-layers", type=int, default=d.top_layers,
-                   help="stacked LoRA on the top N decoder layers only (default %(default)s; None: all layers)")
+                   help="stacked LoRA on the top N decoder layers only (default %(default)s; more than the model has: every layer)")
     _train_args(p, epochs=d.train.epochs, lr=d.train.learning_rate)
+
+
+def _bench_stack_args(p: argparse.ArgumentParser, field: str, d, who: str) -> None:
+    """`mta bench` tunes two stacked LoRAs apart (mta's and stack-only's): --stack-* and --stack-only-*."""
+    flag = "--" + field.replace("_", "-")
+    p.add_argument(f"{flag}-rank", type=int, default=d.rank, help=who)
+    p.add_argument(f"{flag}-top-layers", type=int, default=d.top_layers, help=f"{who}; more than the model has: every layer")
+    p.add_argument(f"{flag}-epochs", type=float, default=d.train.epochs, help=who)
+    p.add_argument(f"{flag}-lr", type=float, default=d.train.learning_rate, help=who)
+
+
+def _bench_stack(a, field: str, d):
+    from dataclasses import replace
+
+    v = {name: getattr(a, f"{field}_{name}") for name in ("rank", "top_layers", "epochs", "lr")}
+    return replace(d, rank=v["rank"], top_layers=v["top_layers"],
+                   train=replace(d.train, epochs=v["epochs"], learning_rate=v["lr"]))
 
 
 def _stack_config(a):
@@ -211,7 +228,6 @@ def cmd_bench(a) -> None:
 
     from mta.bench import BenchConfig, load_split, run_bench
     from mta.tasks import get_task
-    from mta.training import TrainConfig
 
     task = get_task(a.task)
     bank_users, eval_users, split = load_split(task, a.bank_users, a.eval_users, a.data, a.eval_fraction, a.seed, Path(a.out))
@@ -221,10 +237,7 @@ def cmd_bench(a) -> None:
                       bank_train=replace(d.bank_train, epochs=a.bank_epochs, learning_rate=a.bank_lr),
                       user_lora_train=replace(d.user_lora_train, epochs=a.lora_epochs, learning_rate=a.lora_lr),
                       fusion=_fusion_config(a),
-                      stack=replace(d.stack, rank=a.stack_rank, top_layers=a.stack_top_layers,
-                                    train=replace(d.stack.train, epochs=a.stack_epochs, learning_rate=a.stack_lr)),
-                      stack_only=replace(d.stack_only, rank=a.stack_only_rank, train=replace(
-                          d.stack_only.train, epochs=a.stack_only_epochs, learning_rate=a.stack_only_lr)))
+                      stack=_bench_stack(a, "stack", d.stack), stack_only=_bench_stack(a, "stack_only", d.stack_only))
     run_bench(cfg, bank_users, eval_users, a.out, a.reuse_bank, split, a.device, a.dtype)
     print((Path(a.out) / "results.md").read_text())
 
@@ -359,13 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--lora-epochs", type=float, default=c.user_lora_train.epochs, help="per-user-lora baseline")
     r.add_argument("--lora-lr", type=float, default=c.user_lora_train.learning_rate, help="per-user-lora baseline")
     _fusion_args(r)  # mta and merge-only
-    r.add_argument("--stack-rank", type=int, default=c.stack.rank, help="mta")
-    r.add_argument("--stack-top-layers", type=int, default=c.stack.top_layers, help="mta")
-    r.add_argument("--stack-epochs", type=float, default=c.stack.train.epochs, help="mta and recipe")
-    r.add_argument("--stack-lr", type=float, default=c.stack.train.learning_rate, help="mta and recipe")
-    r.add_argument("--stack-only-rank", type=int, default=c.stack_only.rank, help="stack-only baseline")
-    r.add_argument("--stack-only-epochs", type=float, default=c.stack_only.train.epochs, help="stack-only baseline")
-    r.add_argument("--stack-only-lr", type=float, default=c.stack_only.train.learning_rate, help="stack-only baseline")
+    _bench_stack_args(r, "stack", c.stack, "mta, and recipe's stack but for its rank")
+    _bench_stack_args(r, "stack_only", c.stack_only, "stack-only baseline")
     _model_args(r)
     r.set_defaults(fn=cmd_bench)
     v = sub.add_parser("serve", help="HTTP server: many users on one base model, batched per-row adapters (needs the serve extra)")

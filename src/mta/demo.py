@@ -10,7 +10,6 @@ import json
 import time
 from pathlib import Path
 
-from mta.anchors import AnchorConfig
 from mta.bank import BankConfig, build_bank
 from mta.data.lamp import User, load_users
 from mta.data.synthetic import make_movie_tagging
@@ -48,8 +47,7 @@ def run_demo(out: Path, model_name: str, num_eval_users: int = 4, device: str | 
     print(f"data: {source}\n{len(bank_users)} bank users, {len(eval_users)} held-out users")
     model, tok = load_base(model_name, device, dtype)
     embedder = load_embedder(DEFAULT_EMBEDDER)
-    cfg = BankConfig(task=task.id, base_model=model_name, anchors=AnchorConfig(),
-                     train=TrainConfig(epochs=1, learning_rate=5e-4))
+    cfg = BankConfig(task=task.id, base_model=model_name, train=TrainConfig(epochs=1, learning_rate=5e-4))
     print(f"stage 1: building the Meta-LoRA bank ({cfg.anchors.num_clusters} anchors, each trained on its cluster's pooled histories)")
     bank = build_bank(bank_users, out / "bank", cfg, model, tok, embedder)
     rows, base_preds, mta_preds, golds = [], [], [], []
