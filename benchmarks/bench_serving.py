@@ -62,7 +62,7 @@ def main() -> None:
     users = served[: max(args.batch_sizes)]
     parts, prompts = [], []
     for u in users:
-        # k = 2 and a stack on every layer: heavier than today's defaults (k = 1, top 15 layers), so a bound
+        # k = 2 and a stack on every layer: heavier than today's defaults (k = 1, top 8 layers), so a bound
         fused = merge(bank, plan_fusion(bank, profile_embedding(embedder, TASK, u.profile), FusionConfig(k=2)))
         peft_model = with_adapters(model, None, StackConfig(top_layers=None))
         parts.append((fused, extract(peft_model, STACK)))

@@ -37,7 +37,7 @@ def test_results_schema(results):
     assert results["config"]["bank"]["anchors"]["num_clusters"] == 3
     bench = results["config"]["bench"]  # --stack-* and --stack-only-* reach their own stacked LoRAs
     assert bench["stack"]["train"]["epochs"] == bench["stack_only"]["train"]["epochs"] == 1
-    assert (bench["stack"]["top_layers"], bench["stack_only"]["top_layers"]) == (15, None)  # the defaults, unmixed
+    assert (bench["stack"]["top_layers"], bench["stack_only"]["top_layers"]) == (8, None)  # the defaults, unmixed
     assert results["config"]["split"]["eval_fraction"] == 0.25
 
 

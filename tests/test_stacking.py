@@ -94,6 +94,8 @@ def test_top_layers_puts_the_stack_on_the_last_layers_only(tiny_model_dir, fused
     assert any("layers.0." in name for name, p in deeper.named_parameters() if p.requires_grad)
     with pytest.raises(MTAError, match="top_layers must be at least 1"):
         with_adapters(_fresh(tiny_model_dir), fused, StackConfig(top_layers=0))
+    with pytest.raises(MTAError, match="'all-linear' cannot be limited to the top layers"):
+        with_adapters(_fresh(tiny_model_dir), fused, StackConfig(top_layers=1, target_modules="all-linear"))
 
 
 def test_with_adapters_rewraps_instead_of_nesting(tiny_model_dir, fused, input_ids):

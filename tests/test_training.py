@@ -64,3 +64,98 @@ def test_train_errors(tiny):
         p.requires_grad = False
     with pytest.raises(MTAError, match="nothing to train"):
         train(model, tok, [Example("a", "b")], TrainConfig())
+
+
+def _batch(tok, n=3):
+    from mta.training import _collate, encode
+
+    exs = [Example(f"Which tag fits movie {i}? " + "a silly prank war " * i, ["comedy", "sci-fi", "dark comedy"][i % 3]) for i in range(n)]
+    return _collate([encode(tok, ex, 128) for ex in exs], tok.pad_token_id, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_target_only_loss_equals_the_full_logits_loss(tiny, plain):
+    """Projecting only the target positions onto the vocabulary changes neither the loss nor its gradient."""
+    from mta.training import _Step
+
+    model, tok = tiny
+    batch = _batch(tok)
+    params = list(model.parameters())
+    want = model(**batch).loss
+    want_grads = torch.autograd.grad(want, params)
+    step = _Step(model, params, plain)
+    assert step.slice_logits != plain  # plain: all logits, as for models without `logits_to_keep`
+    got = step(batch, [0, 1, 2])
+    torch.testing.assert_close(got, want)
+    for g, w in zip(torch.autograd.grad(got, params), want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def _three_layer_llama(tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    return LlamaForCausalLM(cfg)
+
+
+def _train_stack(model, tok, plain: bool):
+    from mta.stacking import StackConfig, with_adapters
+
+    torch.manual_seed(0)
+    model = with_adapters(model, None, StackConfig(rank=2, top_layers=2, target_modules=["q_proj", "v_proj", "down_proj"]))
+    exs = [Example(f"Which tag fits movie {i}? " + "a prank war " * (i % 4), ["comedy", "sci-fi"][i % 2]) for i in range(6)]
+    stats = train(model, tok, exs, TrainConfig(epochs=3, batch_size=4, learning_rate=1e-2), progress=False, plain=plain)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    return stats, weights
+
+
+def test_frozen_bottom_layers_run_once_and_change_nothing(tiny_model_dir):
+    """A stack on the top 2 of 3 layers: layer 0's output is cached after the first pass, the result is the same."""
+    from mta.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    slow, want = _train_stack(_three_layer_llama(tok), tok, plain=True)
+    fast, got = _train_stack(_three_layer_llama(tok), tok, plain=False)
+    assert slow["cached_steps"] == 0 and slow["cached_from_layer"] == 0
+    assert fast["cached_from_layer"] == 1 and fast["cached_steps"] >= fast["steps"] - 2  # all but the first pass
+    assert want.keys() == got.keys() and any(".layers.2." in n for n in got)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(fast["losses"]), torch.tensor(slow["losses"]), rtol=1e-4, atol=1e-5)
+
+
+def test_no_cache_when_a_bottom_parameter_trains(tiny):
+    model, tok = tiny
+    for n, p in model.named_parameters():
+        p.requires_grad = ".layers.1." in n or n == "model.embed_tokens.weight"
+    stats = train(model, tok, [Example("Which tag?", "comedy")] * 4, TrainConfig(epochs=2, batch_size=4), progress=False)
+    assert stats["cached_steps"] == 0 and stats["cached_from_layer"] == 0
+
+
+def test_architecture_that_cannot_be_entered_midway_falls_back(tiny_model_dir, monkeypatch):
+    """GPT-2 adds position embeddings to its input embeddings: entering at a layer is not exact, so every step runs all layers."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mta.models import load_tokenizer
+    from mta.training import _Step
+
+    monkeypatch.setattr(_Step, "_exact", {})
+    tok = load_tokenizer(str(tiny_model_dir))
+    results = []
+    for plain in (True, False):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                                           resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+        pm = get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn"], layers_to_transform=[1], fan_in_fan_out=True))
+        exs = [Example(f"Which tag fits movie {i}?", "comedy") for i in range(4)]
+        if not plain:
+            with pytest.warns(UserWarning, match="cannot be entered at a decoder layer"):
+                stats = train(pm, tok, exs, TrainConfig(epochs=3, batch_size=2, learning_rate=1e-2), progress=False)
+        else:
+            stats = train(pm, tok, exs, TrainConfig(epochs=3, batch_size=2, learning_rate=1e-2), progress=False, plain=True)
+        results.append(stats)
+    assert results[1]["cached_steps"] == 0 and results[1]["cached_from_layer"] == 0
+    torch.testing.assert_close(torch.tensor(results[1]["losses"]), torch.tensor(results[0]["losses"]))

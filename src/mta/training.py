@@ -1,17 +1,24 @@
 """One small supervised loop shared by anchor LoRAs, stacked LoRAs and the per-user baseline.
 
 Loss on target tokens only; whatever parameters require grad are trained, so the caller decides what
-is frozen (a fused adapter under a stacked one, say) by setting requires_grad.
+is frozen (a fused adapter under a stacked one, say) by setting requires_grad. Two savings that change
+no result: logits are computed at target positions only (the vocabulary projection is a large share
+of a small model's step), and when the bottom decoder layers hold nothing to train (a stacked LoRA
+on the top layers only), what they make of each example is computed once and reused every epoch.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
@@ -63,9 +70,110 @@ def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int, device: torc
     return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
 
+class _Step:
+    """Loss on target positions for one batch; enters at layer `start` when every example's input to it is cached."""
+
+    _exact: dict[type, bool] = {}  # per model class: does entering at a layer reproduce the whole forward?
+
+    def __init__(self, model: torch.nn.Module, params: list[torch.nn.Parameter], plain: bool = False):
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.model, self.inner = model, inner
+        self.slice_logits = not plain and "logits_to_keep" in inspect.signature(inner.forward).parameters
+        self.start, self.cache = 0, {}
+        stack = None if plain else _decoder_layers(inner)
+        if stack is not None:
+            self.owner, self.attr, self.layers = stack
+            self.start = _first_trained(self.layers, params)
+
+    def __call__(self, batch: dict[str, torch.Tensor], rows: list[int]) -> torch.Tensor:
+        labels = batch["labels"]
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = labels[:, 1:] != -100  # positions whose next token is a target
+        targets = labels[:, 1:][keep[:, :-1]]
+        if self.start and all(r in self.cache for r in rows):
+            logits = self._from_cache(batch, rows, keep)
+        else:
+            logits = self._forward(batch, rows, keep)
+        return F.cross_entropy(logits.float(), targets)
+
+    def _logits(self, keep: torch.Tensor, **inputs) -> torch.Tensor:
+        if self.slice_logits:
+            return self.model(**inputs, logits_to_keep=keep).logits
+        return self.model(**inputs).logits[keep]
+
+    def _forward(self, batch, rows, keep) -> torch.Tensor:
+        if not self.start:
+            return self._logits(keep, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        seen = {}
+
+        def grab(module, args, kwargs):
+            seen["h"] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+        hook = self.layers[self.start].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            logits = self._logits(keep, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        finally:
+            hook.remove()
+        lengths = batch["attention_mask"].sum(1).tolist()
+        for r, h, n in zip(rows, seen["h"], lengths):
+            self.cache[r] = h[:n]
+        if type(self.inner) not in self._exact:  # checked once per architecture, at the cost of one top-only forward
+            with torch.no_grad():
+                again = self._from_cache(batch, rows, keep)
+            tol = 1e-4 if logits.dtype == torch.float32 else 2e-2
+            self._exact[type(self.inner)] = ok = torch.allclose(again, logits.detach(), rtol=tol, atol=tol)
+            if not ok:
+                warnings.warn(f"{type(self.inner).__name__} cannot be entered at a decoder layer; its bottom layers run every step")
+        if not self._exact[type(self.inner)]:
+            self.start = 0
+        return logits
+
+    def _from_cache(self, batch, rows, keep) -> torch.Tensor:
+        cached = [self.cache[r] for r in rows]
+        h = cached[0].new_zeros(len(rows), batch["input_ids"].shape[1], cached[0].shape[-1])
+        for i, c in enumerate(cached):
+            h[i, : len(c)] = c  # right padding, as in _collate: padded positions are masked
+        with _layers_from(self.owner, self.attr, self.layers, self.start):
+            return self._logits(keep, inputs_embeds=h, attention_mask=batch["attention_mask"])
+
+
+def _decoder_layers(model: torch.nn.Module) -> tuple[torch.nn.Module, str, torch.nn.ModuleList] | None:
+    """(owner, attribute name, layers) of the decoder stack: the module list with one entry per hidden layer."""
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for owner in model.modules():
+        for attr, child in owner.named_children():
+            if isinstance(child, torch.nn.ModuleList) and len(child) == n:
+                return owner, attr, child
+    return None
+
+
+def _first_trained(layers: torch.nn.ModuleList, params: list[torch.nn.Parameter]) -> int:
+    """How many bottom layers hold nothing to train; 0 unless every trained parameter lies above them."""
+    trained = {id(p) for p in params}
+    for i, layer in enumerate(layers):
+        if any(id(p) in trained for p in layer.parameters()):
+            above = sum(id(p) in trained for later in layers[i:] for p in later.parameters())
+            return i if above == len(trained) else 0
+    return 0
+
+
+@contextmanager
+def _layers_from(owner: torch.nn.Module, attr: str, layers: torch.nn.ModuleList, start: int):
+    """The model without its bottom `start` layers: its input embeddings are then layer `start`'s input."""
+    setattr(owner, attr, layers[start:])
+    try:
+        yield
+    finally:
+        setattr(owner, attr, layers)
+
+
 def train(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list[Example], cfg: TrainConfig,
-          desc: str = "training", progress: bool = True) -> dict:
-    """Train the parameters that require grad; returns losses, steps, seconds and tokens seen."""
+          desc: str = "training", progress: bool = True, plain: bool = False) -> dict:
+    """Train the parameters that require grad; returns losses, steps, seconds, tokens seen and cached steps.
+
+    `plain=True` is the textbook loop (all logits, every layer every step): the same result, slower; it is
+    there to measure the two savings.
+    """
     if not examples:
         raise MTAError(f"{desc}: no training examples")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -79,7 +187,8 @@ def train(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: 
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
     model.train()
-    losses, tokens, start = [], 0, time.perf_counter()
+    step = _Step(model, params, plain)
+    losses, tokens, cached, start = [], 0, 0, time.perf_counter()
     order: list[int] = []
     bar = tqdm(range(total), desc=desc, disable=not progress, leave=False)
     for _ in bar:
@@ -87,10 +196,11 @@ def train(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: 
             fresh = list(range(len(encoded)))
             rng.shuffle(fresh)
             order += fresh
-        batch = [encoded[i] for i in order[: cfg.batch_size]]
+        rows = order[: cfg.batch_size]
         del order[: cfg.batch_size]
-        inputs = _collate(batch, tokenizer.pad_token_id, device)
-        loss = model(**inputs).loss
+        inputs = _collate([encoded[i] for i in rows], tokenizer.pad_token_id, device)
+        cached += bool(step.start) and all(r in step.cache for r in rows)
+        loss = step(inputs, rows)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -100,4 +210,5 @@ def train(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: 
         tokens += int(inputs["attention_mask"].sum())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
-    return {"losses": losses, "steps": total, "seconds": time.perf_counter() - start, "tokens": tokens}
+    return {"losses": losses, "steps": total, "seconds": time.perf_counter() - start, "tokens": tokens,
+            "cached_steps": cached, "cached_from_layer": step.start}
