@@ -79,7 +79,7 @@ class _Step:
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.model, self.inner = model, inner
         self.slice_logits = not plain and "logits_to_keep" in inspect.signature(inner.forward).parameters
-        self.start, self.cache = 0, {}
+        self.start, self.cache, self.cached_steps = 0, {}, 0
         stack = None if plain else _decoder_layers(inner)
         if stack is not None:
             self.owner, self.attr, self.layers = stack
@@ -91,6 +91,7 @@ class _Step:
         keep[:, :-1] = labels[:, 1:] != -100  # positions whose next token is a target
         targets = labels[:, 1:][keep[:, :-1]]
         if self.start and all(r in self.cache for r in rows):
+            self.cached_steps += 1
             logits = self._from_cache(batch, rows, keep)
         else:
             logits = self._forward(batch, rows, keep)
@@ -188,7 +189,7 @@ def train(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: 
     sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
     model.train()
     step = _Step(model, params, plain)
-    losses, tokens, cached, start = [], 0, 0, time.perf_counter()
+    losses, tokens, start = [], 0, time.perf_counter()
     order: list[int] = []
     bar = tqdm(range(total), desc=desc, disable=not progress, leave=False)
     for _ in bar:
@@ -199,7 +200,6 @@ def train(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: 
         rows = order[: cfg.batch_size]
         del order[: cfg.batch_size]
         inputs = _collate([encoded[i] for i in rows], tokenizer.pad_token_id, device)
-        cached += bool(step.start) and all(r in step.cache for r in rows)
         loss = step(inputs, rows)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -211,4 +211,4 @@ def train(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: 
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     return {"losses": losses, "steps": total, "seconds": time.perf_counter() - start, "tokens": tokens,
-            "cached_steps": cached, "cached_from_layer": step.start}
+            "cached_steps": step.cached_steps, "cached_from_layer": step.start}
