@@ -8,7 +8,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 from conftest import logits, tiny_llama
-from mta.adapters import LoraWeights, attach, check_fits, extract
+from mta.adapters import LoraWeights, attach, check_fits, extract, folded
 from mta.io import MTAError
 from mta.models import load_base
 
@@ -180,3 +180,30 @@ def test_from_peft_state_dict_needs_both_factors():
         LoraWeights.from_peft_state_dict({"base_model.model.x.lora_A.weight": a}, {"r": 2})
     with pytest.raises(MTAError, match="no LoRA tensors found"):
         LoraWeights.from_peft_state_dict({"something.weight": a}, {"r": 2})
+
+
+def test_folded_is_the_adapter_and_puts_the_very_weights_back(tiny, input_ids):
+    model, _ = tiny
+    w = _random_weights(model, rank=3)
+    peft_model = attach(model, w, "x")
+    want = logits(peft_model, input_ids)
+    model = peft_model.unload()
+    params = dict(model.named_parameters())
+    copies = {n: p.detach().clone() for n, p in params.items()}
+
+    def untouched():
+        return all(p is params[n] and torch.equal(p, copies[n]) for n, p in model.named_parameters())
+
+    with folded(model, w):
+        torch.testing.assert_close(logits(model, input_ids), want, atol=1e-5, rtol=1e-5)
+        assert not untouched()
+    assert untouched()
+    with pytest.raises(RuntimeError, match="midway"), folded(model, w):
+        raise RuntimeError("midway")
+    assert untouched()
+    with folded(model, None):
+        assert untouched()
+    bad = LoraWeights({"model.layers.0.self_attn.q_proj": (torch.zeros(2, 7), torch.zeros(7, 2))})
+    with pytest.raises(MTAError, match="does not fit"), folded(model, bad):
+        pass
+    assert untouched()

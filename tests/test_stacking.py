@@ -1,11 +1,13 @@
 """Stage 3: a fresh LoRA stacked on the frozen fused adapter, and the per-user folder that stores it."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from conftest import logits, snapshot, tiny_llama
+from mta.adapters import folded
 from mta.data.lamp import User
 from mta.fusion import FusionConfig, FusionRecord, merge
 from mta.io import MTAError
@@ -74,6 +76,34 @@ def test_stack_training_changes_only_the_stacked_lora(tiny_model_dir, fused, use
         if "lora_B" in n:
             assert not torch.equal(before[n], after[n]), n
     assert any(not torch.equal(before[n], after[n]) for n in stacked if "lora_A" in n)
+
+
+def test_training_over_the_folded_fused_adapter_is_training_over_its_lora_layers(tiny_model_dir, fused, users):
+    """personalize folds the frozen fused adapter into W while the stack trains: same stack, base weights back intact."""
+    cfg = StackConfig(rank=2, train=dataclasses.replace(FAST, mixed_precision="no"))
+    exs = loo_examples(TASK, users[0].profile)
+    trained, init = [], None
+    for fold in (True, False):
+        model, tok = load_base(str(tiny_model_dir), device="cpu")
+        base = {n: p.detach().clone() for n, p in model.named_parameters()}
+        model = with_adapters(model, None if fold else fused, cfg)
+        stack = {n: p for n, p in model.named_parameters() if f".{STACK}." in n}
+        init = init or {n: p.detach().clone() for n, p in stack.items()}
+        with torch.no_grad():  # the same starting stack (attaching the fused adapter first moves the RNG)
+            for n, p in stack.items():
+                p.copy_(init[n])
+        with folded(model, fused if fold else None):
+            losses = train(model, tok, exs, cfg.train, progress=False)["losses"]
+        trained.append((losses, {n: p.detach().clone() for n, p in stack.items()}))
+        if fold:
+            plain = {n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in model.named_parameters()
+                     if f".{STACK}." not in n}
+            assert plain.keys() == base.keys() and all(torch.equal(plain[n], base[n]) for n in base)
+    (folded_losses, got), (losses, want) = trained
+    torch.testing.assert_close(torch.tensor(folded_losses), torch.tensor(losses), rtol=1e-4, atol=1e-5)
+    assert got.keys() == want.keys() and got
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-5)
 
 
 def test_stacked_lora_only_without_fusion(tiny_model_dir):

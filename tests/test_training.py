@@ -106,7 +106,8 @@ def _train_stack(model, tok, plain: bool):
     torch.manual_seed(0)
     model = with_adapters(model, None, StackConfig(rank=2, top_layers=2, target_modules=["q_proj", "v_proj", "down_proj"]))
     exs = [Example(f"Which tag fits movie {i}? " + "a prank war " * (i % 4), ["comedy", "sci-fi"][i % 2]) for i in range(6)]
-    stats = train(model, tok, exs, TrainConfig(epochs=3, batch_size=4, learning_rate=1e-2), progress=False, plain=plain)
+    cfg = TrainConfig(epochs=3, batch_size=4, learning_rate=1e-2, mixed_precision="no")  # equal to fp32 rounding
+    stats = train(model, tok, exs, cfg, progress=False, plain=plain)
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     return stats, weights
 
@@ -159,3 +160,43 @@ def test_architecture_that_cannot_be_entered_midway_falls_back(tiny_model_dir, m
         results.append(stats)
     assert results[1]["cached_steps"] == 0 and results[1]["cached_from_layer"] == 0
     torch.testing.assert_close(torch.tensor(results[1]["losses"]), torch.tensor(results[0]["losses"]))
+
+
+def test_mixed_precision_context(monkeypatch):
+    from mta import models
+    from mta.models import mixed_precision
+
+    cpu = torch.device("cpu")
+
+    def autocast_on(ctx) -> bool:
+        with ctx:
+            return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+    assert autocast_on(mixed_precision(cpu, torch.float32, "bf16"))
+    assert not autocast_on(mixed_precision(cpu, torch.float32, "no"))
+    assert not autocast_on(mixed_precision(cpu, torch.bfloat16, "bf16"))  # weights already low precision: run as stored
+    for fast in (True, False):
+        monkeypatch.setattr(models, "fast_bf16", lambda device, fast=fast: fast)
+        assert autocast_on(mixed_precision(cpu, torch.float32, "auto")) is fast
+    with pytest.raises(MTAError, match="unknown mixed precision 'fp8'"):
+        mixed_precision(cpu, torch.float32, "fp8")
+
+
+def test_bf16_training_keeps_fp32_weights_and_tracks_fp32(tiny_model_dir):
+    """bf16 matmuls, fp32 weights and optimizer: the same run in fp32 and in bf16 ends close, and learns."""
+    from mta.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    runs = {}
+    for mode in ("no", "bf16"):
+        from mta.stacking import StackConfig, with_adapters
+
+        torch.manual_seed(0)
+        model = with_adapters(_three_layer_llama(tok), None, StackConfig(rank=2, top_layers=None))
+        exs = [Example(f"Which tag fits movie {i}?", ["comedy", "sci-fi"][i % 2]) for i in range(6)]
+        stats = train(model, tok, exs, TrainConfig(epochs=4, batch_size=3, learning_rate=3e-2, mixed_precision=mode), progress=False)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        runs[mode] = stats["losses"]
+    assert runs["bf16"] != runs["no"]  # bf16 really ran
+    assert runs["bf16"][-1] < runs["bf16"][0]
+    torch.testing.assert_close(torch.tensor(runs["bf16"]), torch.tensor(runs["no"]), rtol=0.05, atol=0.05)

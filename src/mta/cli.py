@@ -28,6 +28,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
 
 
+def _precision_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mixed-precision", choices=["auto", "bf16", "no"], default="auto",
+                   help="training: bf16 matmuls over fp32 weights; auto where the hardware is fast at them (AVX512-BF16/AMX CPUs, GPUs)")
+
+
 def _executor_args(p: argparse.ArgumentParser, unit: str) -> None:
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help=f"local: this process; ray: one Ray task per {unit} (needs pip install -e '.[ray]')")
@@ -41,12 +46,14 @@ def _train_args(p: argparse.ArgumentParser, epochs: float, lr: float) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=384)
     p.add_argument("--seed", type=int, default=0)
+    _precision_args(p)
 
 
 def _train_config(a):
     from mta.training import TrainConfig
 
-    return TrainConfig(epochs=a.epochs, learning_rate=a.lr, batch_size=a.batch_size, max_length=a.max_length, seed=a.seed)
+    return TrainConfig(epochs=a.epochs, learning_rate=a.lr, batch_size=a.batch_size, max_length=a.max_length, seed=a.seed,
+                       mixed_precision=a.mixed_precision)
 
 
 def _fusion_args(p: argparse.ArgumentParser, svd: bool = False) -> None:
@@ -89,12 +96,12 @@ def _bench_stack_args(p: argparse.ArgumentParser, field: str, d, who: str) -> No
     p.add_argument(f"{flag}-lr", type=float, default=d.train.learning_rate, help=who)
 
 
-def _bench_stack(a, field: str, d):
+def _bench_stack(a, field: str, d, mixed_precision: str):
     from dataclasses import replace
 
     v = {name: getattr(a, f"{field}_{name}") for name in ("rank", "top_layers", "epochs", "lr")}
     return replace(d, rank=v["rank"], top_layers=v["top_layers"],
-                   train=replace(d.train, epochs=v["epochs"], learning_rate=v["lr"]))
+                   train=replace(d.train, epochs=v["epochs"], learning_rate=v["lr"], mixed_precision=mixed_precision))
 
 
 def _stack_config(a):
@@ -232,12 +239,13 @@ def cmd_bench(a) -> None:
     task = get_task(a.task)
     bank_users, eval_users, split = load_split(task, a.bank_users, a.eval_users, a.data, a.eval_fraction, a.seed, Path(a.out))
     d = BenchConfig(task.id)
+    mp = a.mixed_precision
     cfg = BenchConfig(task.id, base_model=a.model, embedding_model=a.embedder, methods=a.methods, limit_users=a.limit_users,
                       anchors=replace(d.anchors, num_clusters=a.num_clusters, mode=a.anchor_mode),
-                      bank_train=replace(d.bank_train, epochs=a.bank_epochs, learning_rate=a.bank_lr),
-                      user_lora_train=replace(d.user_lora_train, epochs=a.lora_epochs, learning_rate=a.lora_lr),
+                      bank_train=replace(d.bank_train, epochs=a.bank_epochs, learning_rate=a.bank_lr, mixed_precision=mp),
+                      user_lora_train=replace(d.user_lora_train, epochs=a.lora_epochs, learning_rate=a.lora_lr, mixed_precision=mp),
                       fusion=_fusion_config(a),
-                      stack=_bench_stack(a, "stack", d.stack), stack_only=_bench_stack(a, "stack_only", d.stack_only))
+                      stack=_bench_stack(a, "stack", d.stack, mp), stack_only=_bench_stack(a, "stack_only", d.stack_only, mp))
     run_bench(cfg, bank_users, eval_users, a.out, a.reuse_bank, split, a.device, a.dtype)
     print((Path(a.out) / "results.md").read_text())
 
@@ -375,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_stack_args(r, "stack", c.stack, "mta, and recipe's stack but for its rank")
     _bench_stack_args(r, "stack_only", c.stack_only, "stack-only baseline")
     _model_args(r)
+    _precision_args(r)
     r.set_defaults(fn=cmd_bench)
     v = sub.add_parser("serve", help="HTTP server: many users on one base model, batched per-row adapters (needs the serve extra)")
     v.add_argument("--bank", required=True)

@@ -18,7 +18,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from mta import __version__
-from mta.adapters import LoraWeights, attach
+from mta.adapters import LoraWeights, attach, folded
 from mta.bank import Bank
 from mta.data.lamp import User, require_profile
 from mta.embedding import profile_embedding
@@ -35,11 +35,11 @@ class StackConfig:
     rank: int = 2
     alpha: float | None = None  # None → alpha = rank
     target_modules: str | list[str] | None = None  # None: PEFT's default per architecture (q_proj, v_proj for Llama)
-    # Tuned (benchmarks/results/tuning.md): the top 8 of the default model's 30 layers, 2 epochs at 1e-2, the
+    # Tuned (benchmarks/results/tuning.md): the top 8 of the default model's 30 layers, 2 epochs at 2e-2, the
     # best within 1/3 of the per-user LoRA's training time. Nothing below the top layers trains, so backprop
     # stops there and, after the first pass, training reuses what the bottom layers made of each example.
     top_layers: int | None = 8
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2.0, learning_rate=1e-2))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2.0, learning_rate=2e-2))
 
     def peft_config(self, num_layers: int) -> LoraConfig:
         """`top_layers` beyond the model's depth means every layer."""
@@ -110,11 +110,14 @@ def with_adapters(base, fused: LoraWeights | None, stacked: LoraWeights | StackC
     elif stacked is not None:
         model = attach(model, stacked, STACK)
         active.append(STACK)
-    if not active:
-        return model
+    return _activate(model, active, trainable=isinstance(stacked, StackConfig)) if active else model
+
+
+def _activate(model: PeftModel, active: list[str], trainable: bool) -> PeftModel:
+    """Run `active` adapters, in that order; only a trainable stack requires grad."""
     model.base_model.set_adapter(active)
     for name, p in model.named_parameters():
-        p.requires_grad = f".{STACK}." in name and isinstance(stacked, StackConfig)
+        p.requires_grad = trainable and f".{STACK}." in name
     return model
 
 
@@ -129,13 +132,16 @@ def personalize(bank: Bank | None, user: User, cfg: PersonalizeConfig, model, to
             raise MTAError("fusion needs a bank")
         bank.check_model(model)
         fused, record = fuse(bank, profile_embedding(embedder, task, profile), cfg.fusion)
-    if cfg.stack is not None:  # seed before the stacked LoRA is created: its init must not depend on what ran before
-        torch.manual_seed(cfg.stack.train.seed)
-    model = with_adapters(model, fused, cfg.stack)
-    stack = None
-    if cfg.stack is not None:
-        stats = train(model, tokenizer, loo_examples(task, profile, cfg.num_retrieved), cfg.stack.train,
-                      desc=f"stacking user {user.user_id}", progress=progress)
+    if cfg.stack is None:
+        model, stack = with_adapters(model, fused, None), None
+    else:
+        torch.manual_seed(cfg.stack.train.seed)  # before the stacked LoRA is created: its init must not depend on what ran before
+        model = with_adapters(model, None, cfg.stack)
+        with folded(model, fused):  # the frozen fused adapter trains as part of W: the same function, cheaper steps
+            stats = train(model, tokenizer, loo_examples(task, profile, cfg.num_retrieved), cfg.stack.train,
+                          desc=f"stacking user {user.user_id}", progress=progress)
+        if fused is not None:  # to answer, the fused adapter runs as LoRA layers again, in load_personalized's order
+            model = _activate(attach(model, fused, FUSED), [FUSED, STACK], trainable=False)
         stack = {"rank": cfg.stack.rank, "alpha": cfg.stack.alpha or cfg.stack.rank, "train_seconds": round(stats["seconds"], 3),
                  "steps": stats["steps"], "final_loss": stats["losses"][-1]}
     base_name = bank.manifest["base_model"] if bank else getattr(model.config, "_name_or_path", "?")
