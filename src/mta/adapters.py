@@ -133,8 +133,9 @@ def check_fits(model: nn.Module, weights: LoraWeights, what: str = "adapter") ->
 def folded(model: nn.Module, weights: LoraWeights | None):
     """`weights` added into the base layers' W for the duration; the original weights are put back untouched.
 
-    A frozen adapter run as LoRA layers costs ~20 % of a stacked LoRA's training step; folded into W it
-    costs one addition. The originals are swapped back, not subtracted, so no rounding is left behind.
+    A frozen adapter run as LoRA layers took 13–21 % of a stacked LoRA's training time (benchmarks/README.md);
+    folded into W it costs one addition. The originals are swapped back, not subtracted, so no rounding is
+    left behind; the price is a second copy of the touched weights while the context lasts.
     """
     if weights is None:
         yield model
