@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from mta.bench import METHODS, split_users
+from mta.bench import METHODS, split_users, versus
 from mta.cli import main
 from mta.data.lamp import load_users
 from mta.tasks import get_task
@@ -34,6 +34,10 @@ def test_results_schema(results):
         assert set(m) == {"accuracy", "f1", "train_seconds_per_user", "infer_seconds_per_user", "bytes_per_user"}
         assert 0 <= m["accuracy"] <= 1 and m["infer_seconds_per_user"] > 0
     assert results["fusion_ms_per_user"] > 0 and results["bank_build_seconds"] > 0
+    assert set(results["mta_versus"]) == set(METHODS) - {"mta"}
+    for name, v in results["mta_versus"].items():
+        assert v["diff"] == pytest.approx(results["methods"]["mta"]["accuracy"] - results["methods"][name]["accuracy"])
+        assert -1 <= v["ci95"][0] <= v["diff"] <= v["ci95"][1] <= 1
     assert results["config"]["bank"]["anchors"]["num_clusters"] == 3
     bench = results["config"]["bench"]  # --stack-* and --stack-only-* reach their own stacked LoRAs
     assert bench["stack"]["train"]["epochs"] == bench["stack_only"]["train"]["epochs"] == 1
@@ -44,6 +48,7 @@ def test_results_schema(results):
 def test_report_files(run):
     table = (run / "results.md").read_text()
     assert all(f"| {name} |" in table for name in METHODS)
+    assert "mta − it, accuracy [95% CI]" in table and "paired bootstrap" in table
     assert (run / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -111,3 +116,16 @@ def test_split_is_seeded_and_disjoint(movie_data):
     assert len(held) == 4 and len(bank) == 8 and not {u.user_id for u in bank} & {u.user_id for u in held}
     assert [u.user_id for u in split_users(users, 1 / 3, seed=0)[1]] == [u.user_id for u in held]
     assert [u.user_id for u in split_users(users, 1 / 3, seed=1)[1]] != [u.user_id for u in held]
+
+
+def test_versus_is_a_paired_bootstrap_of_the_main_metric():
+    task = get_task("LaMP-2")
+    golds = ["comedy", "sci-fi", "comedy", "romance"] * 4
+    wrong = ["action"] * 16
+    assert versus(task, golds, golds, golds) == {"diff": 0.0, "ci95": [0.0, 0.0]}  # paired: equal answers, no spread
+    assert versus(task, golds, wrong, golds) == {"diff": 1.0, "ci95": [1.0, 1.0]}
+    v = versus(task, golds[:8] + wrong[:8], golds, golds)
+    assert v["diff"] == -0.5 and -1 <= v["ci95"][0] < -0.5 < v["ci95"][1] <= 0
+    assert versus(task, golds[:8] + wrong[:8], golds, golds) == v  # seeded
+    rouge = versus(get_task("LaMP-4"), ["a red fox", "blue sky"], ["a red dog", "grey sky"], ["a red fox", "blue sky today"])
+    assert rouge["diff"] > 0 and rouge["ci95"][0] <= rouge["diff"] <= rouge["ci95"][1]

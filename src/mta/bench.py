@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from peft import get_peft_model
+from scipy.stats import bootstrap
 from tqdm.auto import tqdm
 
 from mta.anchors import AnchorConfig
@@ -248,9 +250,12 @@ def run_bench(cfg: BenchConfig, bank_users: list[User], eval_users: list[User], 
         methods[name] = {**scores, "train_seconds_per_user": cost[name]["train"] / n,
                          "infer_seconds_per_user": cost[name]["infer"] / n, "bytes_per_user": cost[name]["bytes"] / n}
     fusion_cfg = cfg.fusion if {"mta", "merge-only"} & set(cfg.methods) else FusionConfig(merge="recipe")
+    outputs = {name: [p["output"] for p in preds[name]] for name in cfg.methods}
     results = {
         "task": task.id, "main_metric": task.main_metric, "n_eval_users": n, "n_bank_users": len(bank_users),
-        "methods": methods, "fusion_ms_per_user": _fusion_ms(bank, run, eval_users, fusion_cfg) if bank else None,
+        "methods": methods, "mta_versus": {name: versus(task, outputs["mta"], outputs[name], golds)
+                                           for name in cfg.methods if name != "mta"} if "mta" in outputs else {},
+        "fusion_ms_per_user": _fusion_ms(bank, run, eval_users, fusion_cfg) if bank else None,
         "bank_build_seconds": bank_seconds,
         "config": {"bench": dataclasses.asdict(cfg), "bank": bank.config.to_dict() if bank else None,
                    "bank_path": str(bank.path) if bank else None, "bank_fingerprint": bank.fingerprint if bank else None,
@@ -263,20 +268,41 @@ def run_bench(cfg: BenchConfig, bank_users: list[User], eval_users: list[User], 
     return results
 
 
+def versus(task: Task, ours: list[str], theirs: list[str], golds: list[str], resamples: int = 1000, seed: int = 0) -> dict:
+    """Our main metric minus theirs, with a 95 % paired bootstrap interval over the eval queries.
+
+    With a few dozen eval users one answer moves accuracy by several points; the interval says whether a
+    difference is more than that.
+    """
+    def diff(idx) -> float:
+        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        return task.evaluate(pick(ours), pick(golds))[task.main_metric] - task.evaluate(pick(theirs), pick(golds))[task.main_metric]
+
+    every = np.arange(len(golds))
+    ci = bootstrap((every,), diff, vectorized=False, n_resamples=resamples, method="percentile",
+                   rng=np.random.default_rng(seed)).confidence_interval
+    return {"diff": diff(every), "ci95": [float(ci.low), float(ci.high)]}
+
+
 # -- report ----------------------------------------------------------------------------------------
 
 def results_markdown(results: dict) -> str:
     methods = results["methods"]
     metrics = [k for k in next(iter(methods.values())) if not k.endswith("_per_user")]
-    head = ["method", *metrics, "train s/user", "infer s/user", "bytes/user"]
+    main, versus_ = results["main_metric"], results.get("mta_versus", {})
+    head = ["method", *metrics, "train s/user", "infer s/user", "bytes/user"] + ([f"mta − it, {main} [95% CI]"] if versus_ else [])
     lines = [f"## {results['task']}: {results['n_eval_users']} eval users, {results['n_bank_users']} bank users", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in methods.items():
         cells = [name, *(f"{m[k]:.4f}" for k in metrics), f"{m['train_seconds_per_user']:.2f}",
                  f"{m['infer_seconds_per_user']:.2f}", f"{m['bytes_per_user']:,.0f}"]
+        if versus_:
+            v = versus_.get(name)
+            cells.append(f"{v['diff']:+.4f} [{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}]" if v else "")
         lines.append("| " + " | ".join(cells) + " |")
-    main = results["main_metric"]
     lines += ["", f"Main metric: {main} ({'lower' if main in LOWER_IS_BETTER else 'higher'} is better)."]
+    if versus_:
+        lines.append("mta − it: mta's main metric minus that method's, with a 95 % paired bootstrap interval over eval queries.")
     if results["fusion_ms_per_user"] is not None:
         lines.append(f"Fusion (plan + merge): {results['fusion_ms_per_user']:.1f} ms per user.")
     if results["bank_build_seconds"] is not None:
