@@ -244,17 +244,17 @@ def run_bench(cfg: BenchConfig, bank_users: list[User], eval_users: list[User], 
 
     n = len(eval_users)
     methods = {}
+    answers = {name: [p["output"] for p in preds[name]] for name in cfg.methods}
     for name in cfg.methods:
         atomic_write_json(out / "predictions" / f"{name}.json", {"task": task.id, "golds": preds[name]})
-        scores = task.evaluate([p["output"] for p in preds[name]], golds)
+        scores = task.evaluate(answers[name], golds)
         methods[name] = {**scores, "train_seconds_per_user": cost[name]["train"] / n,
                          "infer_seconds_per_user": cost[name]["infer"] / n, "bytes_per_user": cost[name]["bytes"] / n}
     fusion_cfg = cfg.fusion if {"mta", "merge-only"} & set(cfg.methods) else FusionConfig(merge="recipe")
-    outputs = {name: [p["output"] for p in preds[name]] for name in cfg.methods}
     results = {
         "task": task.id, "main_metric": task.main_metric, "n_eval_users": n, "n_bank_users": len(bank_users),
-        "methods": methods, "mta_versus": {name: versus(task, outputs["mta"], outputs[name], golds)
-                                           for name in cfg.methods if name != "mta"} if "mta" in outputs else {},
+        "methods": methods, "mta_versus": {name: versus(task, answers["mta"], answers[name], golds)
+                                           for name in cfg.methods if name != "mta"} if "mta" in answers else {},
         "fusion_ms_per_user": _fusion_ms(bank, run, eval_users, fusion_cfg) if bank else None,
         "bank_build_seconds": bank_seconds,
         "config": {"bench": dataclasses.asdict(cfg), "bank": bank.config.to_dict() if bank else None,

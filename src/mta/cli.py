@@ -96,12 +96,12 @@ def _bench_stack_args(p: argparse.ArgumentParser, field: str, d, who: str) -> No
     p.add_argument(f"{flag}-lr", type=float, default=d.train.learning_rate, help=who)
 
 
-def _bench_stack(a, field: str, d, mixed_precision: str):
+def _bench_stack(a, field: str, d):
     from dataclasses import replace
 
     v = {name: getattr(a, f"{field}_{name}") for name in ("rank", "top_layers", "epochs", "lr")}
     return replace(d, rank=v["rank"], top_layers=v["top_layers"],
-                   train=replace(d.train, epochs=v["epochs"], learning_rate=v["lr"], mixed_precision=mixed_precision))
+                   train=replace(d.train, epochs=v["epochs"], learning_rate=v["lr"], mixed_precision=a.mixed_precision))
 
 
 def _stack_config(a):
@@ -245,7 +245,7 @@ def cmd_bench(a) -> None:
                       bank_train=replace(d.bank_train, epochs=a.bank_epochs, learning_rate=a.bank_lr, mixed_precision=mp),
                       user_lora_train=replace(d.user_lora_train, epochs=a.lora_epochs, learning_rate=a.lora_lr, mixed_precision=mp),
                       fusion=_fusion_config(a),
-                      stack=_bench_stack(a, "stack", d.stack, mp), stack_only=_bench_stack(a, "stack_only", d.stack_only, mp))
+                      stack=_bench_stack(a, "stack", d.stack), stack_only=_bench_stack(a, "stack_only", d.stack_only))
     run_bench(cfg, bank_users, eval_users, a.out, a.reuse_bank, split, a.device, a.dtype)
     print((Path(a.out) / "results.md").read_text())
 
