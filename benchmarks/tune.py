@@ -5,10 +5,11 @@ so the benchmark's eval users are never seen here. A tuning bank is built from t
 Each tuning user answers its own query plus its last `--holdout` profile items, which are removed from
 its profile first: three scored answers per personalization instead of one, at the same training cost.
 
-Stages run in order (coordinate descent); each stage starts from the winners of the stages before it.
-A winner is the trial with the best mean, over both tasks, of its main metric divided by that task's
-best in the stage; ties go to the earlier trial, the cheaper or pre-tuning setting. Trials are resumable:
-a finished trial with the same settings (those its method uses) is read back, not rerun.
+Stages run in order (coordinate descent); each stage starts from the winners of the stages before it
+(a stage not run now contributes the winner saved in the report). A winner is the trial with the best
+mean, over both tasks, of its main metric divided by that task's best in the stage; in a per-task stage
+(PER_TASK) each task takes its own best. Ties go to the earlier trial, the cheaper or pre-tuning setting.
+Trials are resumable: a finished trial with the same settings (those its method uses) is read back, not rerun.
 
 Usage: python benchmarks/tune.py [--out runs/tune] [--stages STAGE ...] [--cached-only]
 Writes benchmarks/results/tuning.{json,md}.
@@ -78,6 +79,13 @@ def _top_layers(n: int | None, epochs: float | None = None, lr: float | None = N
     return apply
 
 
+def _recipe_stack(top: int, epochs: float, lr: float) -> Override:
+    def apply(c: BenchConfig) -> BenchConfig:
+        s = c.recipe_stack
+        return replace(c, recipe_stack=replace(s, top_layers=top, train=replace(s.train, epochs=epochs, learning_rate=lr)))
+    return apply
+
+
 def _lora(epochs: float, lr: float) -> Override:
     return lambda c: replace(c, user_lora_train=replace(c.user_lora_train, epochs=epochs, learning_rate=lr))
 
@@ -123,6 +131,27 @@ STAGES: dict[str, tuple[str, list[tuple[str, Override]]]] = {
     "per-user-lora": ("per-user-lora", [
         ("ep3-lr5e-4", _lora(3, 5e-4)), ("ep3-lr2e-3", _lora(3, 2e-3)), ("ep2-lr2e-3", _lora(2, 2e-3)),
     ]),
+    # From here each task keeps its own winner (PER_TASK): a classification task and a generation task
+    # need not share a schedule, and every method gets the same per-task care. The per-user LoRA goes
+    # first: its per-task setting is the time reference of the MTA stage.
+    "task-per-user-lora": ("per-user-lora", [("ep3-lr2e-3", _lora(3, 2e-3)), ("ep2-lr2e-3", _lora(2, 2e-3)),
+                                             ("ep2-lr4e-3", _lora(2, 4e-3))]),
+    "task-stack-only": ("stack-only", [("r2-ep3-lr1e-2", _stack("stack_only", 2, 3, 1e-2)),
+                                       ("r2-ep3-lr3e-3", _stack("stack_only", 2, 3, 3e-3)),
+                                       ("r2-ep2-lr2e-2", _stack("stack_only", 2, 2, 2e-2))]),
+    "task-mta": ("mta", [("top8-ep2-lr2e-2", _top_layers(8, 2, 2e-2)), ("top8-ep2-lr1e-2", _top_layers(8, 2, 1e-2)),
+                         ("top8-ep2-lr5e-3", _top_layers(8, 2, 5e-3)), ("top4-ep3-lr1e-2", _top_layers(4, 3, 1e-2)),
+                         ("r4", lambda c: replace(c, stack=replace(c.stack, rank=4))), ("k2", _fusion(2)),
+                         ("user-8", _bank("user", 8)),
+                         # LaMP-4's per-user LoRA took 2 epochs, so its budget shrank to ~1.6 s: cheaper schedules
+                         ("top8-ep1-lr2e-2", _top_layers(8, 1, 2e-2)), ("top4-ep2-lr2e-2", _top_layers(4, 2, 2e-2)),
+                         ("top4-ep4-lr1e-2", _top_layers(4, 4, 1e-2)), ("top8-ep1-lr1e-2", _top_layers(8, 1, 1e-2)),
+                         ("top8-ep1-lr5e-3", _top_layers(8, 1, 5e-3))]),
+    # the recipe's rank-4 stack had ridden on MTA's schedule; from here it is tuned on its own, per task, and
+    # without MTA's time budget (its first trial is the schedule it had before)
+    "task-recipe": ("recipe", [("top8-ep2-lr2e-2", _recipe_stack(8, 2, 2e-2)), ("top8-ep2-lr1e-2", _recipe_stack(8, 2, 1e-2)),
+                               ("top8-ep1-lr5e-3", _recipe_stack(8, 1, 5e-3)), ("top4-ep3-lr1e-2", _recipe_stack(4, 3, 1e-2)),
+                               ("all-ep2-lr5e-3", _recipe_stack(None, 2, 5e-3))]),
 }
 
 
@@ -141,15 +170,17 @@ def tuning_users(task_id: str, data: Path, eval_fraction: float, n: int, holdout
     return [u for i, u in enumerate(bank_users) if i not in picked], tune
 
 
-BUDGETED = {"mta-cached", "mta-bf16"}
+BUDGETED = {"mta-cached", "mta-bf16", "task-mta"}
+PER_TASK = {"task-per-user-lora", "task-stack-only", "task-mta", "task-recipe"}
 
 
 # settings a method's result does not depend on: a later stage may change them without invalidating it
 UNUSED = {
-    "merge-only": {"stack", "stack_only", "user_lora_train", "recipe_stack_rank"},
-    "mta": {"stack_only", "user_lora_train", "recipe_stack_rank"},
-    "stack-only": {"anchors", "fusion", "stack", "bank_train", "lora", "user_lora_train", "recipe_stack_rank"},
-    "per-user-lora": {"anchors", "fusion", "stack", "stack_only", "bank_train", "recipe_stack_rank"},
+    "merge-only": {"stack", "stack_only", "user_lora_train", "recipe_stack"},
+    "mta": {"stack_only", "user_lora_train", "recipe_stack"},
+    "stack-only": {"anchors", "fusion", "stack", "bank_train", "lora", "user_lora_train", "recipe_stack"},
+    "per-user-lora": {"anchors", "fusion", "stack", "stack_only", "bank_train", "recipe_stack"},
+    "recipe": {"fusion", "stack", "stack_only", "user_lora_train"},
 }
 
 
@@ -178,6 +209,10 @@ def run_trial(cfg: BenchConfig, method: str, bank_users: list[User], tune_users:
     return run_bench(cfg, bank_users, tune_users, out, bank_dir, {"tuning": True}, progress=False)
 
 
+def _winner(stage: dict, task: str) -> str:
+    return stage["winner"][task] if isinstance(stage["winner"], dict) else stage["winner"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/tune")
@@ -186,13 +221,18 @@ def main() -> None:
     p.add_argument("--report", default=str(ROOT / "benchmarks" / "results" / "tuning"))
     p.add_argument("--cached-only", action="store_true", help="rewrite the report from finished trials, run nothing")
     a = p.parse_args()
-    out = Path(a.out)
+    out, report_json = Path(a.out), Path(a.report + ".json")
+    saved = json.loads(report_json.read_text())["stages"] if report_json.exists() else {}
     splits = {t: tuning_users(t, f, frac, n, a.holdout) for t, f, frac, n in TASKS}
     cfgs = {t: before_tuning(t) for t, *_ in TASKS}  # each stage's winner is folded in before the next stage
     report: dict = {"holdout": a.holdout, "tuning_users": {t: [u.user_id for u in s[1]] for t, s in splits.items()},
                     "stages": {}}
-    for stage in a.stages:
-        method, trials = STAGES[stage]
+    for stage, (method, trials) in STAGES.items():
+        if stage not in a.stages:
+            if stage in saved:  # not rerun: its saved winner still shapes the stages after it
+                report["stages"][stage] = saved[stage]
+                cfgs = {t: dict(trials)[_winner(saved[stage], t)](c) for t, c in cfgs.items()}
+            continue
         scores: dict[str, dict[str, dict]] = {}
         timed = stage in BUDGETED
         if timed:  # the reference: the per-user LoRA's current setting, timed by the same code
@@ -210,17 +250,21 @@ def main() -> None:
         reference = scores.pop("_per-user-lora", None)
         best_of = {t: max(s[t]["main"] for s in scores.values()) or 1.0 for t in splits}
         combined = {n: sum(s[t]["main"] / best_of[t] for t in splits) / len(splits) for n, s in scores.items()}
-        within = {n: reference is None or all(s[t]["train_seconds_per_user"] <= reference[t]["train_seconds_per_user"] / 3
-                                              for t in splits) for n, s in scores.items()}
-        winner = max(combined, key=lambda n: (within[n], combined[n], -list(combined).index(n)))
-        cfgs = {t: dict(trials)[winner](c) for t, c in cfgs.items()}
+        within = {n: {t: reference is None or s[t]["train_seconds_per_user"] <= reference[t]["train_seconds_per_user"] / 3
+                      for t in splits} for n, s in scores.items()}
+        rank = list(combined).index
+        if stage in PER_TASK:
+            winner = {t: max(scores, key=lambda n: (within[n][t], scores[n][t]["main"], -rank(n))) for t in splits}
+        else:
+            winner = max(combined, key=lambda n: (all(within[n].values()), combined[n], -rank(n)))
         report["stages"][stage] = {"method": method, "winner": winner, "combined": combined, "trials": scores}
+        cfgs = {t: dict(trials)[_winner(report["stages"][stage], t)](c) for t, c in cfgs.items()}
         if reference is not None:
             report["stages"][stage].update(budget={t: reference[t]["train_seconds_per_user"] / 3 for t in splits},
                                            within_budget=within)
-        print(f"[{stage}] winner: {winner} (combined {combined[winner]:.3f})", flush=True)
+        print(f"[{stage}] winner: {winner}", flush=True)
         report["settings"] = {t: dataclasses.asdict(c) for t, c in cfgs.items()}
-        atomic_write_json(Path(a.report + ".json"), report)
+        atomic_write_json(report_json, report)
         atomic_write_bytes(Path(a.report + ".md"), markdown(report).encode())
 
 
@@ -231,16 +275,21 @@ def markdown(report: dict) -> str:
              + "; ".join(f"{t}: {len(ids)}" for t, ids in report["tuning_users"].items())
              + f". Each answers its query plus its last {report['holdout']} profile items (removed from its profile).", ""]
     for stage, s in report["stages"].items():
-        lines += [f"## {stage} (scored by {s['method']}; winner **{s['winner']}**)", "",
+        w = s["winner"]
+        won = ", ".join(f"{t}: **{n}**" for t, n in w.items()) if isinstance(w, dict) else f"**{w}**"
+        lines += [f"## {stage} (scored by {s['method']}; winner {won})", "",
                   "| trial | " + " | ".join(f"{t} main | {t} train s/user" for t in tasks) + " | combined |",
                   "|---|" + "---|---|" * len(tasks) + "---|"]
-        for name, per_task in s["trials"].items():
-            cells = [f"{per_task[t]['main']:.4f} | {per_task[t]['train_seconds_per_user']:.1f}" for t in tasks]
-            over = "" if s.get("within_budget", {}).get(name, True) else " (over budget)"
-            lines.append(f"| {name}{over} | " + " | ".join(cells) + f" | {s['combined'][name]:.3f} |")
+        listed = [n for n, _ in STAGES[stage][1]] if stage in STAGES else []
+        for name, per_task in sorted(s["trials"].items(), key=lambda kv: listed.index(kv[0]) if kv[0] in listed else len(listed)):
+            within = s.get("within_budget", {}).get(name, True)  # saved by older runs as one flag per trial
+            over = {t: not (within[t] if isinstance(within, dict) else within) for t in tasks}
+            cells = [f"{per_task[t]['main']:.4f} | {per_task[t]['train_seconds_per_user']:.1f}{' (over)' if over[t] else ''}"
+                     for t in tasks]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {s['combined'][name]:.3f} |")
         if "budget" in s:
             lines.append("\nBudget: 1/3 of the per-user LoRA's train s/user, timed in this stage: "
-                         + ", ".join(f"{t} {v:.1f} s" for t, v in s["budget"].items()) + ".")
+                         + ", ".join(f"{t} {v:.1f} s" for t, v in s["budget"].items()) + "; (over): over it.")
         lines.append("")
     return "\n".join(lines)
 

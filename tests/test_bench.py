@@ -10,7 +10,8 @@ from mta.cli import main
 from mta.data.lamp import load_users
 from mta.tasks import get_task
 
-FAST = ["--num-clusters", "3", "--bank-epochs", "1", "--lora-epochs", "1", "--stack-epochs", "1", "--stack-only-epochs", "1"]
+FAST = ["--num-clusters", "3", "--bank-epochs", "1", "--lora-epochs", "1", "--stack-epochs", "1", "--stack-only-epochs", "1",
+        "--recipe-stack-epochs", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +40,10 @@ def test_results_schema(results):
         assert v["diff"] == pytest.approx(results["methods"]["mta"]["accuracy"] - results["methods"][name]["accuracy"])
         assert -1 <= v["ci95"][0] <= v["diff"] <= v["ci95"][1] <= 1
     assert results["config"]["bank"]["anchors"]["num_clusters"] == 3
-    bench = results["config"]["bench"]  # --stack-* and --stack-only-* reach their own stacked LoRAs
-    assert bench["stack"]["train"]["epochs"] == bench["stack_only"]["train"]["epochs"] == 1
+    bench = results["config"]["bench"]  # --stack-*, --stack-only-* and --recipe-stack-* reach their own stacked LoRAs
+    assert bench["stack"]["train"]["epochs"] == bench["stack_only"]["train"]["epochs"] == bench["recipe_stack"]["train"]["epochs"] == 1
     assert (bench["stack"]["top_layers"], bench["stack_only"]["top_layers"]) == (8, None)  # the defaults, unmixed
+    assert (bench["stack"]["rank"], bench["recipe_stack"]["rank"]) == (2, 4)
     assert results["config"]["split"]["eval_fraction"] == 0.25
 
 

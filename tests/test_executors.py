@@ -106,3 +106,15 @@ def test_missing_ray_says_how_to_install(monkeypatch, tiny_model_dir, tmp_path):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray → ImportError
     with pytest.raises(MTAError, match=r"pip install -e '\.\[ray\]'"):
         run_bank([], tmp_path, BankConfig(task="LaMP-2", base_model=str(tiny_model_dir)), executor="ray")
+
+
+@pytest.mark.parametrize("bad", ["..", "a/b", "a b", ".hidden", "é"])
+def test_personalize_many_refuses_ids_that_cannot_name_a_folder(tmp_path, bad):
+    """The same rule as the serving store's: a user personalized here can be served under the same id."""
+    from mta.data.lamp import User
+    from mta.executors import store_folders
+
+    assert store_folders([User("8000002", [{}])], tmp_path) == [(User("8000002", [{}]), tmp_path / "8000002")]
+    with pytest.raises(MTAError, match=r"invalid user id .*--user-id"):
+        store_folders([User("8000002", []), User(bad, [])], tmp_path)
+    assert not list(tmp_path.iterdir())  # refused before anything was written

@@ -45,6 +45,7 @@ class BenchConfig:
 
     Defaults are the winners of benchmarks/tune.py on tuning users (benchmarks/results/tuning.md), the
     library's own defaults where MTA's settings are concerned; bank epochs are set by the 60-minute budget.
+    `mta.presets.preset(BenchConfig(task), task)` adds what the per-task stages changed (as `mta bench` does).
     """
 
     task: str
@@ -61,7 +62,8 @@ class BenchConfig:
     # stack-only, tuned on its own: from the base model a rank-2 LoRA needs 3 epochs at 1e-2 (benchmarks/results/tuning.md)
     stack_only: StackConfig = field(default_factory=lambda: StackConfig(
         top_layers=None, train=TrainConfig(epochs=3.0, learning_rate=1e-2)))
-    recipe_stack_rank: int = 4
+    # recipe: the published rank-4 stack; its schedule is tuned for it on its own (the task-recipe stage)
+    recipe_stack: StackConfig = field(default_factory=lambda: StackConfig(rank=4))
     limit_users: int | None = None  # a quick check: at most this many bank users and eval users
 
     def bank_config(self) -> BankConfig:
@@ -122,8 +124,7 @@ def _personalized(settings: Callable[[BenchConfig], PersonalizeConfig]) -> Adapt
 
 def _recipe(c: BenchConfig) -> PersonalizeConfig:
     """The published code: top-2 anchors, factor averaging with its α, rank-4 stacking."""
-    return PersonalizeConfig(FusionConfig(merge="recipe"), dataclasses.replace(c.stack, rank=c.recipe_stack_rank),
-                             c.num_retrieved)
+    return PersonalizeConfig(FusionConfig(merge="recipe"), c.recipe_stack, c.num_retrieved)
 
 
 METHODS: dict[str, Method] = {

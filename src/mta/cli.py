@@ -29,8 +29,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _precision_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mixed-precision", choices=["auto", "bf16", "no"], default="auto",
-                   help="training: bf16 matmuls over fp32 weights; auto where the hardware is fast at them (AVX512-BF16/AMX CPUs, GPUs)")
+    p.add_argument("--mixed-precision", choices=["auto", "bf16", "no"],
+                   help="training: bf16 matmuls over fp32 weights; auto (the default) where the hardware is fast at them "
+                   "(AVX512-BF16/AMX CPUs, GPUs)")
 
 
 def _executor_args(p: argparse.ArgumentParser, unit: str) -> None:
@@ -40,74 +41,86 @@ def _executor_args(p: argparse.ArgumentParser, unit: str) -> None:
                    help="Ray cluster to join, e.g. auto or HOST:6379 (default: RAY_ADDRESS, else a local Ray)")
 
 
-def _train_args(p: argparse.ArgumentParser, epochs: float, lr: float) -> None:
-    p.add_argument("--epochs", type=float, default=epochs)
-    p.add_argument("--lr", type=float, default=lr)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-length", type=int, default=384)
-    p.add_argument("--seed", type=int, default=0)
+def _given(config, **flags):
+    """`config` with the flags that were given; an unset flag (None) keeps the default, perhaps the task's tuned one."""
+    from dataclasses import replace
+
+    return replace(config, **{k: v for k, v in flags.items() if v is not None})
+
+
+TUNED = "or the task's tuned value (mta.presets)"
+
+
+def _train_args(p: argparse.ArgumentParser, d, tuned: bool = False) -> None:
+    """Training flags; unset ones keep `d`'s values (and, with `tuned`, the task's preset)."""
+    more = f", {TUNED}" if tuned else ""
+    p.add_argument("--epochs", type=float, help=f"default {d.epochs}{more}")
+    p.add_argument("--lr", type=float, help=f"default {d.learning_rate}{more}")
+    p.add_argument("--batch-size", type=int, help=f"default {d.batch_size}")
+    p.add_argument("--max-length", type=int, help=f"default {d.max_length}")
+    p.add_argument("--seed", type=int, help=f"default {d.seed}")
     _precision_args(p)
 
 
-def _train_config(a):
-    from mta.training import TrainConfig
-
-    return TrainConfig(epochs=a.epochs, learning_rate=a.lr, batch_size=a.batch_size, max_length=a.max_length, seed=a.seed,
-                       mixed_precision=a.mixed_precision)
+def _train_config(a, d):
+    return _given(d, epochs=a.epochs, learning_rate=a.lr, batch_size=a.batch_size, max_length=a.max_length, seed=a.seed,
+                  mixed_precision=a.mixed_precision)
 
 
 def _fusion_args(p: argparse.ArgumentParser, svd: bool = False) -> None:
-    """Fusion flags, defaults from FusionConfig: the tuned library defaults are the CLI's."""
+    """Fusion flags; unset ones keep FusionConfig's defaults or the task's tuned ones."""
     from mta.fusion import FusionConfig
 
     d = FusionConfig()
-    p.add_argument("--k", type=int, default=d.k, help="anchors fused per user")
-    p.add_argument("--weighting", choices=["normalized", "softmax"], default=d.weighting)
-    p.add_argument("--temperature", type=float, default=d.temperature, help="softmax weighting")
-    p.add_argument("--merge", choices=["exact", "linear", "svd", "recipe"], default=d.merge)
+    p.add_argument("--k", type=int, help=f"anchors fused per user (default {d.k}, {TUNED})")
+    p.add_argument("--weighting", choices=["normalized", "softmax"], help=f"default {d.weighting}, {TUNED}")
+    p.add_argument("--temperature", type=float, help=f"softmax weighting (default {d.temperature}, {TUNED})")
+    p.add_argument("--merge", choices=["exact", "linear", "svd", "recipe"], help=f"default {d.merge}, {TUNED}")
     if svd:
         p.add_argument("--svd-rank", type=int, default=None)
 
 
-def _fusion_config(a):
+def _fusion_config(a, task_id: str):
     from mta.fusion import FusionConfig
+    from mta.presets import preset
 
-    return FusionConfig(k=a.k, weighting=a.weighting, temperature=a.temperature, merge=a.merge,
-                        rank=getattr(a, "svd_rank", None))
+    return _given(preset(FusionConfig(), task_id, "fusion"), k=a.k, weighting=a.weighting, temperature=a.temperature,
+                  merge=a.merge, rank=getattr(a, "svd_rank", None))
 
 
 def _stack_args(p: argparse.ArgumentParser) -> None:
-    """Stacked-LoRA flags, defaults from StackConfig; --epochs/--lr/... come with _train_args."""
+    """Stacked-LoRA flags; unset ones keep StackConfig's defaults or the task's tuned ones."""
     from mta.stacking import StackConfig
 
     d = StackConfig()
-    p.add_argument("--stack-rank", type=int, default=d.rank, choices=[1, 2, 3, 4])
-    p.add_argument("--stack-top-layers", type=int, default=d.top_layers,
-                   help="stacked LoRA on the top N decoder layers only (default %(default)s; more than the model has: every layer)")
-    _train_args(p, epochs=d.train.epochs, lr=d.train.learning_rate)
+    p.add_argument("--stack-rank", type=int, choices=[1, 2, 3, 4], help=f"default {d.rank}, {TUNED}")
+    p.add_argument("--stack-top-layers", type=int, help=f"stacked LoRA on the top N decoder layers only (default "
+                   f"{d.top_layers or 'every layer'}, {TUNED}; more than the model has: every layer)")
+    _train_args(p, d.train, tuned=True)
 
 
 def _bench_stack_args(p: argparse.ArgumentParser, field: str, d, who: str) -> None:
-    """`mta bench` tunes two stacked LoRAs apart (mta's and stack-only's): --stack-* and --stack-only-*."""
+    """`mta bench` tunes three stacked LoRAs apart: --stack-* (mta), --stack-only-* and --recipe-stack-*."""
     flag = "--" + field.replace("_", "-")
-    p.add_argument(f"{flag}-rank", type=int, default=d.rank, help=who)
-    p.add_argument(f"{flag}-top-layers", type=int, default=d.top_layers, help=f"{who}; more than the model has: every layer")
-    p.add_argument(f"{flag}-epochs", type=float, default=d.train.epochs, help=who)
-    p.add_argument(f"{flag}-lr", type=float, default=d.train.learning_rate, help=who)
+    p.add_argument(f"{flag}-rank", type=int, help=f"{who} (default {d.rank}, {TUNED})")
+    p.add_argument(f"{flag}-top-layers", type=int,
+                   help=f"{who} (default {d.top_layers or 'every layer'}, {TUNED}); more than the model has: every layer")
+    p.add_argument(f"{flag}-epochs", type=float, help=f"{who} (default {d.train.epochs}, {TUNED})")
+    p.add_argument(f"{flag}-lr", type=float, help=f"{who} (default {d.train.learning_rate}, {TUNED})")
 
 
 def _bench_stack(a, field: str, d):
-    from dataclasses import replace
-
     v = {name: getattr(a, f"{field}_{name}") for name in ("rank", "top_layers", "epochs", "lr")}
-    return replace(d, rank=v["rank"], top_layers=v["top_layers"],
-                   train=replace(d.train, epochs=v["epochs"], learning_rate=v["lr"], mixed_precision=a.mixed_precision))
+    train = _given(d.train, epochs=v["epochs"], learning_rate=v["lr"], mixed_precision=a.mixed_precision)
+    return _given(d, rank=v["rank"], top_layers=v["top_layers"], train=train)
 
 
-def _stack_config(a):
+def _stack_config(a, task_id: str):
+    from mta.presets import preset
     from mta.stacking import StackConfig
 
-    return StackConfig(rank=a.stack_rank, top_layers=a.stack_top_layers, train=_train_config(a))
+    d = preset(StackConfig(), task_id, "stack")
+    return _given(d, rank=a.stack_rank, top_layers=a.stack_top_layers, train=_train_config(a, d.train))
 
 
 def cmd_bank_build(a) -> None:
@@ -115,13 +128,16 @@ def cmd_bank_build(a) -> None:
     from mta.bank import BankConfig, LoraSpec
     from mta.data.lamp import load_users
     from mta.executors import run_bank
+    from mta.presets import preset
     from mta.tasks import get_task
+    from mta.training import TrainConfig
 
     task = get_task(a.task)
     users = load_users(a.data, task)
-    cfg = BankConfig(task=task.id, base_model=a.model, embedding_model=a.embedder,
-                     anchors=AnchorConfig(a.num_clusters, a.min_history, a.anchor_mode, a.seed),
-                     lora=LoraSpec(rank=a.rank), train=_train_config(a), num_retrieved=a.retrieve)
+    anchors = _given(preset(AnchorConfig(), task.id, "anchors"), num_clusters=a.num_clusters, min_history=a.min_history,
+                     mode=a.anchor_mode, seed=a.seed)
+    cfg = BankConfig(task=task.id, base_model=a.model, embedding_model=a.embedder, anchors=anchors,
+                     lora=LoraSpec(rank=a.rank), train=_train_config(a, TrainConfig()), num_retrieved=a.retrieve)
     bank = run_bank(users, a.out, cfg, a.executor, a.ray_address, a.device, a.dtype)
     print(f"bank {bank.path}: {len(bank)} anchors {bank.anchor_ids}, fingerprint {bank.fingerprint}")
 
@@ -146,8 +162,8 @@ def cmd_personalize(a) -> None:
     bank = Bank.load(a.bank)
     users = load_users(a.user_data, bank.task)
     jobs = [(find_user(users, a.user_id), Path(a.out))] if a.user_id is not None else store_folders(users, a.out)
-    stack = None if a.no_stack else _stack_config(a)
-    results = run_personalize(a.bank, jobs, PersonalizeConfig(_fusion_config(a), stack, a.retrieve), a.executor, a.ray_address,
+    stack = None if a.no_stack else _stack_config(a, bank.task.id)
+    results = run_personalize(a.bank, jobs, PersonalizeConfig(_fusion_config(a, bank.task.id), stack, a.retrieve), a.executor, a.ray_address,
                               a.device, a.dtype)
     for (user, folder), (record, size) in zip(jobs, results):
         f = record.fusion
@@ -230,23 +246,28 @@ def cmd_demo(a) -> None:
     run_demo(out=Path(a.out), model_name=a.model, num_eval_users=a.users, device=a.device, dtype=a.dtype)
 
 
-def cmd_bench(a) -> None:
-    from dataclasses import replace
+def _bench_config(a, task_id: str):
+    from mta.bench import BenchConfig
+    from mta.presets import preset
 
-    from mta.bench import BenchConfig, load_split, run_bench
+    d = preset(BenchConfig(task_id), task_id)
+    mp = a.mixed_precision
+    return _given(d, base_model=a.model, embedding_model=a.embedder, methods=a.methods, limit_users=a.limit_users,
+                  anchors=_given(d.anchors, num_clusters=a.num_clusters, mode=a.anchor_mode),
+                  bank_train=_given(d.bank_train, epochs=a.bank_epochs, learning_rate=a.bank_lr, mixed_precision=mp),
+                  user_lora_train=_given(d.user_lora_train, epochs=a.lora_epochs, learning_rate=a.lora_lr, mixed_precision=mp),
+                  fusion=_fusion_config(a, task_id),
+                  stack=_bench_stack(a, "stack", d.stack), stack_only=_bench_stack(a, "stack_only", d.stack_only),
+                  recipe_stack=_bench_stack(a, "recipe_stack", d.recipe_stack))
+
+
+def cmd_bench(a) -> None:
+    from mta.bench import load_split, run_bench
     from mta.tasks import get_task
 
     task = get_task(a.task)
     bank_users, eval_users, split = load_split(task, a.bank_users, a.eval_users, a.data, a.eval_fraction, a.seed, Path(a.out))
-    d = BenchConfig(task.id)
-    mp = a.mixed_precision
-    cfg = BenchConfig(task.id, base_model=a.model, embedding_model=a.embedder, methods=a.methods, limit_users=a.limit_users,
-                      anchors=replace(d.anchors, num_clusters=a.num_clusters, mode=a.anchor_mode),
-                      bank_train=replace(d.bank_train, epochs=a.bank_epochs, learning_rate=a.bank_lr, mixed_precision=mp),
-                      user_lora_train=replace(d.user_lora_train, epochs=a.lora_epochs, learning_rate=a.lora_lr, mixed_precision=mp),
-                      fusion=_fusion_config(a),
-                      stack=_bench_stack(a, "stack", d.stack), stack_only=_bench_stack(a, "stack_only", d.stack_only))
-    run_bench(cfg, bank_users, eval_users, a.out, a.reuse_bank, split, a.device, a.dtype)
+    run_bench(_bench_config(a, task.id), bank_users, eval_users, a.out, a.reuse_bank, split, a.device, a.dtype)
     print((Path(a.out) / "results.md").read_text())
 
 
@@ -267,7 +288,7 @@ def cmd_serve(a) -> None:
         torch.set_num_threads(a.threads)
     bank = Bank.load(a.bank)
     model, tok = load_base(bank.manifest["base_model"], a.device, a.dtype)
-    cfg = ServeConfig(fusion=_fusion_config(a), stack=_stack_config(a),
+    cfg = ServeConfig(fusion=_fusion_config(a, bank.task.id), stack=_stack_config(a, bank.task.id),
                       max_batch=a.max_batch, max_queue=a.max_queue, max_wait_ms=a.max_wait_ms, max_new_tokens=a.max_new_tokens)
     with UserStore(a.store) as store:
         app = create_app(bank, store, model, tok, load_embedder(bank.manifest["embedding_model"]), cfg)
@@ -293,6 +314,7 @@ def cmd_export(a) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from mta.anchors import AnchorConfig
+    from mta.training import TrainConfig
     from mta.models import DEFAULT_EMBEDDER, DEFAULT_MODEL
 
     p = argparse.ArgumentParser(prog="mta", description="Merge-then-Adapt personalized LLMs")
@@ -305,13 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True)
     b.add_argument("--model", default=DEFAULT_MODEL, help=f"HF id, local folder or {DEFAULT_MODEL} (embedded)")
     b.add_argument("--embedder", default=DEFAULT_EMBEDDER, help="sentence-transformers id or folder")
-    b.add_argument("--num-clusters", type=int, default=AnchorConfig().num_clusters)
-    b.add_argument("--min-history", type=int, default=AnchorConfig().min_history)
-    b.add_argument("--anchor-mode", choices=["user", "cluster"], default=AnchorConfig().mode,
-                   help="user: the paper's anchor user; cluster: pooled cluster histories (our extension)")
+    d = AnchorConfig()
+    b.add_argument("--num-clusters", type=int, help=f"default {d.num_clusters}, {TUNED}")
+    b.add_argument("--min-history", type=int, help=f"default {d.min_history}, {TUNED}")
+    b.add_argument("--anchor-mode", choices=["user", "cluster"], help=f"user: the paper's anchor user; cluster: pooled "
+                   f"cluster histories (our extension); default {d.mode}, {TUNED}")
     b.add_argument("--rank", type=int, default=8)
     b.add_argument("--retrieve", type=int, default=1, help="BM25 history items in each prompt")
-    _train_args(b, epochs=2.0, lr=3e-4)
+    _train_args(b, TrainConfig())
     _model_args(b)
     _executor_args(b, "anchor")
     b.set_defaults(fn=cmd_bank_build)
@@ -323,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bank", required=True)
     s.add_argument("--user-data", required=True)
     s.add_argument("--user-id", help="personalize this user into --out; without it: every user of --user-data, "
-                   "each into --out/<user_id>/")
+                   "each into --out/<user_id>/ (ids of 1-128 letters, digits, '_', '.', '@', '-', as mta serve takes)")
     s.add_argument("--out", required=True)
     _fusion_args(s, svd=True)
     _stack_args(s)
@@ -359,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from mta.bench import METHODS, BenchConfig
 
-    c = BenchConfig("LaMP-2")  # the defaults shown and used here are the library's
+    c = BenchConfig("LaMP-2")  # the library's defaults, shown in the help; unset flags take the task's preset
     r = sub.add_parser("bench", help="LaMP benchmark: MTA against six baselines, quality and cost side by side")
     r.add_argument("--task", required=True)
     r.add_argument("--bank-users", help="LaMP data file of the users the bank is built from")
@@ -373,15 +396,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--reuse-bank", default=None, help="a finished bank folder (e.g. an earlier run's OUT/bank) instead of building one")
     r.add_argument("--model", default=c.base_model)
     r.add_argument("--embedder", default=c.embedding_model)
-    r.add_argument("--num-clusters", type=int, default=c.anchors.num_clusters)
-    r.add_argument("--anchor-mode", choices=["user", "cluster"], default=c.anchors.mode)
-    r.add_argument("--bank-epochs", type=float, default=c.bank_train.epochs)
-    r.add_argument("--bank-lr", type=float, default=c.bank_train.learning_rate)
-    r.add_argument("--lora-epochs", type=float, default=c.user_lora_train.epochs, help="per-user-lora baseline")
-    r.add_argument("--lora-lr", type=float, default=c.user_lora_train.learning_rate, help="per-user-lora baseline")
+    r.add_argument("--num-clusters", type=int, help=f"default {c.anchors.num_clusters}, {TUNED}")
+    r.add_argument("--anchor-mode", choices=["user", "cluster"], help=f"default {c.anchors.mode}, {TUNED}")
+    r.add_argument("--bank-epochs", type=float, help=f"default {c.bank_train.epochs}, {TUNED}")
+    r.add_argument("--bank-lr", type=float, help=f"default {c.bank_train.learning_rate}, {TUNED}")
+    r.add_argument("--lora-epochs", type=float, help=f"per-user-lora baseline (default {c.user_lora_train.epochs}, {TUNED})")
+    r.add_argument("--lora-lr", type=float, help=f"per-user-lora baseline (default {c.user_lora_train.learning_rate}, {TUNED})")
     _fusion_args(r)  # mta and merge-only
-    _bench_stack_args(r, "stack", c.stack, "mta, and recipe's stack but for its rank")
+    _bench_stack_args(r, "stack", c.stack, "mta")
     _bench_stack_args(r, "stack_only", c.stack_only, "stack-only baseline")
+    _bench_stack_args(r, "recipe_stack", c.recipe_stack, "recipe baseline")
     _model_args(r)
     _precision_args(r)
     r.set_defaults(fn=cmd_bench)

@@ -15,6 +15,7 @@ from mta.data.lamp import User, load_users
 from mta.data.synthetic import make_movie_tagging
 from mta.generation import generate
 from mta.models import DEFAULT_EMBEDDER, load_base, load_embedder
+from mta.presets import preset
 from mta.stacking import PersonalizeConfig, base_of, personalize, save_user
 from mta.tasks import get_task, query_prompt
 from mta.training import TrainConfig
@@ -47,7 +48,7 @@ def run_demo(out: Path, model_name: str, num_eval_users: int = 4, device: str | 
     print(f"data: {source}\n{len(bank_users)} bank users, {len(eval_users)} held-out users")
     model, tok = load_base(model_name, device, dtype)
     embedder = load_embedder(DEFAULT_EMBEDDER)
-    cfg = BankConfig(task=task.id, base_model=model_name, train=TrainConfig(epochs=1, learning_rate=5e-4))
+    cfg = preset(BankConfig(task=task.id, base_model=model_name, train=TrainConfig(epochs=1, learning_rate=5e-4)), task.id)
     print(f"stage 1: building the Meta-LoRA bank ({cfg.anchors.num_clusters} anchors, each trained on its cluster's pooled histories)")
     bank = build_bank(bank_users, out / "bank", cfg, model, tok, embedder)
     rows, base_preds, mta_preds, golds = [], [], [], []
@@ -56,7 +57,7 @@ def run_demo(out: Path, model_name: str, num_eval_users: int = 4, device: str | 
         model = base_of(model)
         before = generate(model, tok, prompts, task.max_new_tokens)
         print(f"stages 2+3: personalizing user {user.user_id}")
-        model, record = personalize(bank, user, PersonalizeConfig(), model, tok, embedder)
+        model, record = personalize(bank, user, preset(PersonalizeConfig(), task.id), model, tok, embedder)
         size = save_user(out / "users" / user.user_id, model, record, user.profile)
         after = generate(model, tok, prompts, task.max_new_tokens)
         for q, b, a in zip(user.queries, before, after):

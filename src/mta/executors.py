@@ -16,7 +16,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from mta.bank import Bank, BankConfig, anchor_examples, build_bank, finalize_bank, pending_anchors, plan_bank, train_anchor
-from mta.data.lamp import User, require_profile
+from mta.data.lamp import User, check_user_id, require_profile
 from mta.io import MTAError
 from mta.models import load_base, load_embedder, model_signature, resolve_model_path
 from mta.stacking import PersonalizeConfig, UserRecord, base_of, personalize, save_user
@@ -27,8 +27,7 @@ EXECUTORS = ("local", "ray")
 def store_folders(users: list[User], store: str | Path) -> list[tuple[User, Path]]:
     """One folder per user, named by user id: the layout `mta generate --user STORE` reads."""
     for u in users:
-        if u.user_id in ("", ".", "..") or any(c in u.user_id for c in "/\\\0"):
-            raise MTAError(f"user id {u.user_id!r} cannot name a folder in {store}; personalize this user with --user-id")
+        check_user_id(u.user_id, f" (it names the user's folder in {store}; personalize this user with --user-id and --out)")
     return [(u, Path(store) / u.user_id) for u in users]
 
 

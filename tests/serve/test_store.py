@@ -11,7 +11,8 @@ import torch
 from mta.adapters import LoraWeights
 from mta.fusion import FusionRecord
 from mta.io import MTAError
-from mta.serve.store import StaleUserError, UserStore, check_user_id
+from mta.data.lamp import check_user_id
+from mta.serve.store import StaleUserError, UserStore
 from mta.stacking import UserRecord
 
 

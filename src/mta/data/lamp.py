@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,18 @@ class User:
     user_id: str
     profile: list[dict]
     queries: list[Query] = field(default_factory=list)
+
+
+# One rule for every place a user id names something: a user folder (`mta personalize`), a store row and
+# a URL path (`mta serve`). Never a path: no slash, no leading dot.
+USER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$"
+
+
+def check_user_id(user_id: str, hint: str = "") -> str:
+    if not isinstance(user_id, str) or not re.fullmatch(USER_ID_PATTERN, user_id):
+        raise MTAError(f"invalid user id {user_id!r}: use 1-128 letters, digits, '_', '.', '@' or '-', "
+                       f"not starting with a symbol{hint}")
+    return user_id
 
 
 def _require(obj: object, keys: tuple[str, ...], where: str) -> dict:

@@ -30,12 +30,12 @@ from pydantic import BaseModel, Field
 
 from mta.adapters import LoraWeights, extract
 from mta.bank import Bank
-from mta.data.lamp import User
+from mta.data.lamp import USER_ID_PATTERN, User
 from mta.embedding import profile_embedding
 from mta.fusion import FusionConfig, plan_fusion
 from mta.io import MTAError
 from mta.serve.batched import LRUCache, PerRowLora, Row, RowOutput, generate_rows
-from mta.serve.store import USER_ID_PATTERN, StoredUser, UserStore
+from mta.serve.store import StoredUser, UserStore
 from mta.stacking import STACK, PersonalizeConfig, StackConfig, UserRecord, base_of, fused_adapter, personalize
 from mta.tasks import query_prompt
 from mta.training import fit, prompt_ids

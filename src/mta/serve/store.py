@@ -17,7 +17,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import sqlite3
 import threading
 import time
@@ -26,18 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mta.adapters import LoraWeights
+from mta.data.lamp import check_user_id
 from mta.io import MTAError, atomic_save_tensors, load_tensors
 from mta.stacking import UserRecord
 
-USER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$"  # never a path: no slash, no leading dot
-_USER_ID = re.compile(USER_ID_PATTERN)
 _SCHEMA_VERSION = 1
-
-
-def check_user_id(user_id: str) -> str:
-    if not isinstance(user_id, str) or not _USER_ID.fullmatch(user_id):
-        raise MTAError(f"invalid user id {user_id!r}: use 1-128 letters, digits, '_', '.', '@' or '-', not starting with a symbol")
-    return user_id
 
 
 class StaleUserError(MTAError):

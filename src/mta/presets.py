@@ -1,0 +1,43 @@
+"""Per-task tuned settings: what `benchmarks/tune.py` found best for one task on its own tuning users.
+
+The dataclass defaults (StackConfig, FusionConfig, ...) are the settings that did best across both shared
+tasks. A classification task and a generation task need not share a schedule, so the per-task stages of
+the sweep (benchmarks/results/tuning.md) may change some of them for one task; those changes live here and
+nowhere else. Keys name BenchConfig's fields, so one table serves `mta bench` (every method, baselines
+included) and the library's own configs (`stack`, `fusion`, `anchors`) alike. They were tuned on the
+default model; other models start from them too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TypeVar
+
+T = TypeVar("T")
+
+# The per-task stages' winners (benchmarks/results/tuning.md, "task-*"); LaMP-2 kept every default.
+TASK_PRESETS: dict[str, dict] = {
+    "LaMP-4": {
+        # its per-user LoRA did best at 2 epochs, which left MTA 1/3 of that: one gentle epoch on the top 8
+        # layers; on LaMP-4 the fused anchor carries most of the result
+        "stack": {"train": {"epochs": 1.0, "learning_rate": 5e-3}},
+        "stack_only": {"train": {"learning_rate": 3e-3}},
+        "recipe_stack": {"train": {"learning_rate": 1e-2}},
+        "user_lora_train": {"epochs": 2.0},
+    },
+}
+
+
+def preset(config: T, task_id: str, field: str | None = None) -> T:
+    """`config` with the task's tuned changes to those of its fields that BenchConfig shares (a BenchConfig,
+    PersonalizeConfig or BankConfig: `fusion`, `stack`, `anchors`, ...), or to one BenchConfig `field`."""
+    changes = TASK_PRESETS.get(task_id, {})
+    if field is not None:
+        return _changed(config, changes.get(field, {}))
+    names = {f.name for f in dataclasses.fields(config)}
+    return _changed(config, {k: v for k, v in changes.items() if k in names})
+
+
+def _changed(obj, changes: dict):
+    return dataclasses.replace(obj, **{k: _changed(getattr(obj, k), v) if isinstance(v, dict) else v
+                                       for k, v in changes.items()})

@@ -1,0 +1,80 @@
+"""Per-task tuned settings: they name real settings, change only what they list, and yield to flags."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from mta import cli, presets
+from mta.bench import BenchConfig
+from mta.stacking import PersonalizeConfig, StackConfig
+from mta.tasks import get_task
+
+
+def _leaves(d: dict, prefix=()):
+    for k, v in d.items():
+        yield from _leaves(v, prefix + (k,)) if isinstance(v, dict) else [(prefix + (k,), v)]
+
+
+def _at(config, path):
+    for k in path:
+        config = getattr(config, k)
+    return config
+
+
+@pytest.mark.parametrize("task_id", list(presets.TASK_PRESETS))
+def test_shipped_presets_name_real_settings(task_id):
+    assert get_task(task_id).id == task_id
+    tuned = presets.preset(BenchConfig(task_id), task_id)  # an unknown name or nesting raises here
+    for path, value in _leaves(presets.TASK_PRESETS[task_id]):
+        assert _at(tuned, path) == value
+
+
+def test_presets_are_what_tuning_found():
+    """Every tuned setting in benchmarks/results/tuning.json, default or preset, is what a task gets."""
+    report = json.loads((Path(__file__).parent.parent / "benchmarks" / "results" / "tuning.json").read_text())
+    for task_id, settings in report["settings"].items():
+        got = dataclasses.asdict(presets.preset(BenchConfig(task_id), task_id))
+        assert {k: got[k] for k in settings} == settings
+
+
+@pytest.fixture
+def lamp4_preset(monkeypatch):
+    monkeypatch.setattr(presets, "TASK_PRESETS", {"LaMP-4": {"stack": {"rank": 4, "train": {"learning_rate": 1e-2}},
+                                                             "user_lora_train": {"epochs": 2.0}}})
+
+
+def test_preset_changes_only_what_it_lists(lamp4_preset):
+    d = BenchConfig("LaMP-4")
+    tuned = presets.preset(d, "LaMP-4")
+    assert (tuned.stack.rank, tuned.stack.train.learning_rate, tuned.user_lora_train.epochs) == (4, 1e-2, 2.0)
+    assert tuned.stack.train.epochs == d.stack.train.epochs and tuned.fusion == d.fusion and tuned.stack_only == d.stack_only
+    assert d.stack == StackConfig()  # the default it started from is untouched
+    assert presets.preset(BenchConfig("LaMP-2"), "LaMP-2") == BenchConfig("LaMP-2")  # no preset: the defaults
+
+
+def test_preset_of_other_configs(lamp4_preset):
+    assert presets.preset(StackConfig(), "LaMP-4", "stack") == presets.preset(BenchConfig("LaMP-4"), "LaMP-4").stack
+    p = presets.preset(PersonalizeConfig(), "LaMP-4")  # shares `stack` and `fusion` with BenchConfig, not the rest
+    assert p.stack.rank == 4 and p.fusion == PersonalizeConfig().fusion
+
+
+def test_unset_flags_take_the_preset_given_ones_win(lamp4_preset):
+    parse = cli.build_parser().parse_args
+    a = parse(["personalize", "--bank", "b", "--user-data", "u", "--out", "o", "--epochs", "3"])
+    s = cli._stack_config(a, "LaMP-4")
+    assert (s.rank, s.train.learning_rate, s.train.epochs) == (4, 1e-2, 3.0)
+    assert cli._stack_config(a, "LaMP-2") == dataclasses.replace(StackConfig(), train=dataclasses.replace(StackConfig().train, epochs=3.0))
+    a = parse(["personalize", "--bank", "b", "--user-data", "u", "--out", "o", "--stack-rank", "1", "--lr", "5e-3"])
+    s = cli._stack_config(a, "LaMP-4")
+    assert (s.rank, s.train.learning_rate) == (1, 5e-3)
+
+
+def test_bench_flags_over_the_preset(lamp4_preset):
+    parse = cli.build_parser().parse_args
+    cfg = cli._bench_config(parse(["bench", "--task", "LaMP-4", "--out", "o", "--stack-only-lr", "3e-3"]), "LaMP-4")
+    assert cfg == dataclasses.replace(presets.preset(BenchConfig("LaMP-4"), "LaMP-4"), stack_only=dataclasses.replace(
+        BenchConfig("LaMP-4").stack_only, train=dataclasses.replace(BenchConfig("LaMP-4").stack_only.train, learning_rate=3e-3)))
+    cfg = cli._bench_config(parse(["bench", "--task", "LaMP-4", "--out", "o", "--lora-epochs", "1"]), "LaMP-4")
+    assert cfg.user_lora_train.epochs == 1.0 and cfg.stack.rank == 4
