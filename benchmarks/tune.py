@@ -79,7 +79,7 @@ def _top_layers(n: int | None, epochs: float | None = None, lr: float | None = N
     return apply
 
 
-def _recipe_stack(top: int, epochs: float, lr: float) -> Override:
+def _recipe_stack(top: int | None, epochs: float, lr: float) -> Override:
     def apply(c: BenchConfig) -> BenchConfig:
         s = c.recipe_stack
         return replace(c, recipe_stack=replace(s, top_layers=top, train=replace(s.train, epochs=epochs, learning_rate=lr)))
