@@ -72,17 +72,12 @@ def _stack(field: str, rank: int, epochs: float, lr: float) -> Override:
     return apply
 
 
-def _top_layers(n: int | None, epochs: float | None = None, lr: float | None = None) -> Override:
+def _top_layers(n: int | None, epochs: float | None = None, lr: float | None = None, field: str = "stack") -> Override:
+    """The stacked LoRA `field` (mta's, or the recipe's) on the top `n` layers; epochs and lr kept unless given."""
     def apply(c: BenchConfig) -> BenchConfig:
-        train = replace(c.stack.train, epochs=epochs or c.stack.train.epochs, learning_rate=lr or c.stack.train.learning_rate)
-        return replace(c, stack=replace(c.stack, top_layers=n, train=train))
-    return apply
-
-
-def _recipe_stack(top: int | None, epochs: float, lr: float) -> Override:
-    def apply(c: BenchConfig) -> BenchConfig:
-        s = c.recipe_stack
-        return replace(c, recipe_stack=replace(s, top_layers=top, train=replace(s.train, epochs=epochs, learning_rate=lr)))
+        s = getattr(c, field)
+        train = replace(s.train, epochs=epochs or s.train.epochs, learning_rate=lr or s.train.learning_rate)
+        return replace(c, **{field: replace(s, top_layers=n, train=train)})
     return apply
 
 
@@ -149,9 +144,9 @@ STAGES: dict[str, tuple[str, list[tuple[str, Override]]]] = {
                          ("top8-ep1-lr5e-3", _top_layers(8, 1, 5e-3))]),
     # the recipe's rank-4 stack had ridden on MTA's schedule; from here it is tuned on its own, per task, and
     # without MTA's time budget (its first trial is the schedule it had before)
-    "task-recipe": ("recipe", [("top8-ep2-lr2e-2", _recipe_stack(8, 2, 2e-2)), ("top8-ep2-lr1e-2", _recipe_stack(8, 2, 1e-2)),
-                               ("top8-ep1-lr5e-3", _recipe_stack(8, 1, 5e-3)), ("top4-ep3-lr1e-2", _recipe_stack(4, 3, 1e-2)),
-                               ("all-ep2-lr5e-3", _recipe_stack(None, 2, 5e-3))]),
+    "task-recipe": ("recipe", [(name, _top_layers(n, epochs, lr, "recipe_stack")) for name, n, epochs, lr in [
+        ("top8-ep2-lr2e-2", 8, 2, 2e-2), ("top8-ep2-lr1e-2", 8, 2, 1e-2), ("top8-ep1-lr5e-3", 8, 1, 5e-3),
+        ("top4-ep3-lr1e-2", 4, 3, 1e-2), ("all-ep2-lr5e-3", None, 2, 5e-3)]]),
 }
 
 
@@ -209,8 +204,10 @@ def run_trial(cfg: BenchConfig, method: str, bank_users: list[User], tune_users:
     return run_bench(cfg, bank_users, tune_users, out, bank_dir, {"tuning": True}, progress=False)
 
 
-def _winner(stage: dict, task: str) -> str:
-    return stage["winner"][task] if isinstance(stage["winner"], dict) else stage["winner"]
+def _fold(cfgs: dict[str, BenchConfig], trials: list[tuple[str, Override]], stage: dict) -> dict[str, BenchConfig]:
+    """Each task's settings with the stage's winner for it (one shared winner, or one per task) applied."""
+    w = stage["winner"]
+    return {t: dict(trials)[w[t] if isinstance(w, dict) else w](c) for t, c in cfgs.items()}
 
 
 def main() -> None:
@@ -231,7 +228,7 @@ def main() -> None:
         if stage not in a.stages:
             if stage in saved:  # not rerun: its saved winner still shapes the stages after it
                 report["stages"][stage] = saved[stage]
-                cfgs = {t: dict(trials)[_winner(saved[stage], t)](c) for t, c in cfgs.items()}
+                cfgs = _fold(cfgs, trials, saved[stage])
             continue
         scores: dict[str, dict[str, dict]] = {}
         timed = stage in BUDGETED
@@ -258,7 +255,7 @@ def main() -> None:
         else:
             winner = max(combined, key=lambda n: (all(within[n].values()), combined[n], -rank(n)))
         report["stages"][stage] = {"method": method, "winner": winner, "combined": combined, "trials": scores}
-        cfgs = {t: dict(trials)[_winner(report["stages"][stage], t)](c) for t, c in cfgs.items()}
+        cfgs = _fold(cfgs, trials, report["stages"][stage])
         if reference is not None:
             report["stages"][stage].update(budget={t: reference[t]["train_seconds_per_user"] / 3 for t in splits},
                                            within_budget=within)
