@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from mta import cli, presets
+from mta.bank import BankConfig
 from mta.bench import BenchConfig
 from mta.stacking import PersonalizeConfig, StackConfig
 from mta.tasks import get_task
@@ -42,7 +43,8 @@ def test_presets_are_what_tuning_found():
 @pytest.fixture
 def lamp4_preset(monkeypatch):
     monkeypatch.setattr(presets, "TASK_PRESETS", {"LaMP-4": {"stack": {"rank": 4, "train": {"learning_rate": 1e-2}},
-                                                             "user_lora_train": {"epochs": 2.0}}})
+                                                             "user_lora_train": {"epochs": 2.0},
+                                                             "bank_train": {"epochs": 3.0}}})
 
 
 def test_preset_changes_only_what_it_lists(lamp4_preset):
@@ -58,6 +60,9 @@ def test_preset_of_other_configs(lamp4_preset):
     assert presets.preset(StackConfig(), "LaMP-4", "stack") == presets.preset(BenchConfig("LaMP-4"), "LaMP-4").stack
     p = presets.preset(PersonalizeConfig(), "LaMP-4")  # shares `stack` and `fusion` with BenchConfig, not the rest
     assert p.stack.rank == 4 and p.fusion == PersonalizeConfig().fusion
+    b = presets.preset(BankConfig("LaMP-4"), "LaMP-4")  # BenchConfig's bank_train is BankConfig's train
+    assert b.train == presets.preset(BenchConfig("LaMP-4"), "LaMP-4").bank_train and b.train.epochs == 3.0
+    assert b.train.learning_rate == BankConfig("LaMP-4").train.learning_rate and b.anchors == BankConfig("LaMP-4").anchors
 
 
 def test_unset_flags_take_the_preset_given_ones_win(lamp4_preset):
@@ -69,6 +74,15 @@ def test_unset_flags_take_the_preset_given_ones_win(lamp4_preset):
     a = parse(["personalize", "--bank", "b", "--user-data", "u", "--out", "o", "--stack-rank", "1", "--lr", "5e-3"])
     s = cli._stack_config(a, "LaMP-4")
     assert (s.rank, s.train.learning_rate) == (1, 5e-3)
+
+
+def test_bank_build_flags_over_the_preset(lamp4_preset):
+    parse = cli.build_parser().parse_args
+    a = parse(["bank", "build", "--task", "LaMP-4", "--data", "d", "--out", "o"])
+    assert cli._bank_config(a, "LaMP-4").train.epochs == 3.0 and cli._bank_config(a, "LaMP-2") == BankConfig("LaMP-2")
+    a = parse(["bank", "build", "--task", "LaMP-4", "--data", "d", "--out", "o", "--epochs", "1", "--num-clusters", "5"])
+    c = cli._bank_config(a, "LaMP-4")
+    assert (c.train.epochs, c.train.learning_rate, c.anchors.num_clusters) == (1.0, BankConfig("LaMP-4").train.learning_rate, 5)
 
 
 def test_bench_flags_over_the_preset(lamp4_preset):

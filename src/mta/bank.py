@@ -49,6 +49,12 @@ class LoraSpec:
                           lora_dropout=self.dropout, bias="none", task_type="CAUSAL_LM")
 
 
+def anchor_training() -> TrainConfig:
+    """Gentle by default: stronger anchors (more epochs, higher rates) hurt LaMP-4's headlines in tuning
+    (benchmarks/results/tuning.md, task-bank); LaMP-2's tuned schedule is in mta.presets."""
+    return TrainConfig(epochs=1.0, learning_rate=5e-4)
+
+
 @dataclass
 class BankConfig:
     task: str
@@ -56,7 +62,7 @@ class BankConfig:
     embedding_model: str = DEFAULT_EMBEDDER
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
     lora: LoraSpec = field(default_factory=LoraSpec)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=anchor_training)
     num_retrieved: int = 1
 
     def to_dict(self) -> dict:

@@ -26,7 +26,7 @@ from scipy.stats import bootstrap
 from tqdm.auto import tqdm
 
 from mta.anchors import AnchorConfig
-from mta.bank import Bank, BankConfig, LoraSpec, build_bank
+from mta.bank import Bank, BankConfig, LoraSpec, anchor_training, build_bank
 from mta.data.lamp import User, load_users
 from mta.embedding import profile_embedding
 from mta.fusion import FusionConfig, merge, plan_fusion
@@ -44,7 +44,7 @@ class BenchConfig:
     """Every setting of a run; written into results.json so a table can be traced to its settings.
 
     Defaults are the winners of benchmarks/tune.py on tuning users (benchmarks/results/tuning.md), the
-    library's own defaults where MTA's settings are concerned; bank epochs are set by the 60-minute budget.
+    library's own defaults where MTA's settings are concerned.
     `mta.presets.preset(BenchConfig(task), task)` adds what the per-task stages changed (as `mta bench` does).
     """
 
@@ -55,7 +55,7 @@ class BenchConfig:
     num_retrieved: int = 1
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
     lora: LoraSpec = field(default_factory=LoraSpec)  # rank 8: the bank's anchors and the per-user LoRA alike
-    bank_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1.0, learning_rate=5e-4))
+    bank_train: TrainConfig = field(default_factory=anchor_training)
     user_lora_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3.0, learning_rate=2e-3))  # tuned
     fusion: FusionConfig = field(default_factory=FusionConfig)  # mta and merge-only
     stack: StackConfig = field(default_factory=StackConfig)  # mta

@@ -123,22 +123,24 @@ def _stack_config(a, task_id: str):
     return _given(d, rank=a.stack_rank, top_layers=a.stack_top_layers, train=_train_config(a, d.train))
 
 
-def cmd_bank_build(a) -> None:
-    from mta.anchors import AnchorConfig
+def _bank_config(a, task_id: str):
     from mta.bank import BankConfig, LoraSpec
+    from mta.presets import preset
+
+    d = preset(BankConfig(task_id), task_id)
+    return _given(d, base_model=a.model, embedding_model=a.embedder, lora=LoraSpec(rank=a.rank), num_retrieved=a.retrieve,
+                  anchors=_given(d.anchors, num_clusters=a.num_clusters, min_history=a.min_history, mode=a.anchor_mode, seed=a.seed),
+                  train=_train_config(a, d.train))
+
+
+def cmd_bank_build(a) -> None:
     from mta.data.lamp import load_users
     from mta.executors import run_bank
-    from mta.presets import preset
     from mta.tasks import get_task
-    from mta.training import TrainConfig
 
     task = get_task(a.task)
     users = load_users(a.data, task)
-    anchors = _given(preset(AnchorConfig(), task.id, "anchors"), num_clusters=a.num_clusters, min_history=a.min_history,
-                     mode=a.anchor_mode, seed=a.seed)
-    cfg = BankConfig(task=task.id, base_model=a.model, embedding_model=a.embedder, anchors=anchors,
-                     lora=LoraSpec(rank=a.rank), train=_train_config(a, TrainConfig()), num_retrieved=a.retrieve)
-    bank = run_bank(users, a.out, cfg, a.executor, a.ray_address, a.device, a.dtype)
+    bank = run_bank(users, a.out, _bank_config(a, task.id), a.executor, a.ray_address, a.device, a.dtype)
     print(f"bank {bank.path}: {len(bank)} anchors {bank.anchor_ids}, fingerprint {bank.fingerprint}")
 
 
@@ -314,7 +316,7 @@ def cmd_export(a) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from mta.anchors import AnchorConfig
-    from mta.training import TrainConfig
+    from mta.bank import anchor_training
     from mta.models import DEFAULT_EMBEDDER, DEFAULT_MODEL
 
     p = argparse.ArgumentParser(prog="mta", description="Merge-then-Adapt personalized LLMs")
@@ -334,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"cluster histories (our extension); default {d.mode}, {TUNED}")
     b.add_argument("--rank", type=int, default=8)
     b.add_argument("--retrieve", type=int, default=1, help="BM25 history items in each prompt")
-    _train_args(b, TrainConfig())
+    _train_args(b, anchor_training(), tuned=True)
     _model_args(b)
     _executor_args(b, "anchor")
     b.set_defaults(fn=cmd_bank_build)

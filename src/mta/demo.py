@@ -18,7 +18,6 @@ from mta.models import DEFAULT_EMBEDDER, load_base, load_embedder
 from mta.presets import preset
 from mta.stacking import PersonalizeConfig, base_of, personalize, save_user
 from mta.tasks import get_task, query_prompt
-from mta.training import TrainConfig
 
 
 def find_lamp_dir() -> Path | None:
@@ -48,7 +47,7 @@ def run_demo(out: Path, model_name: str, num_eval_users: int = 4, device: str | 
     print(f"data: {source}\n{len(bank_users)} bank users, {len(eval_users)} held-out users")
     model, tok = load_base(model_name, device, dtype)
     embedder = load_embedder(DEFAULT_EMBEDDER)
-    cfg = preset(BankConfig(task=task.id, base_model=model_name, train=TrainConfig(epochs=1, learning_rate=5e-4)), task.id)
+    cfg = preset(BankConfig(task=task.id, base_model=model_name), task.id)
     print(f"stage 1: building the Meta-LoRA bank ({cfg.anchors.num_clusters} anchors, each trained on its cluster's pooled histories)")
     bank = build_bank(bank_users, out / "bank", cfg, model, tok, embedder)
     rows, base_preds, mta_preds, golds = [], [], [], []
