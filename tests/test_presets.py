@@ -71,9 +71,10 @@ def test_unset_flags_take_the_preset_given_ones_win(lamp4_preset):
     s = cli._stack_config(a, "LaMP-4")
     assert (s.rank, s.train.learning_rate, s.train.epochs) == (4, 1e-2, 3.0)
     assert cli._stack_config(a, "LaMP-2") == dataclasses.replace(StackConfig(), train=dataclasses.replace(StackConfig().train, epochs=3.0))
-    a = parse(["personalize", "--bank", "b", "--user-data", "u", "--out", "o", "--stack-rank", "1", "--lr", "5e-3"])
+    a = parse(["personalize", "--bank", "b", "--user-data", "u", "--out", "o", "--stack-rank", "1", "--lr", "5e-3",
+               "--stack-modules", "up_proj", "down_proj"])
     s = cli._stack_config(a, "LaMP-4")
-    assert (s.rank, s.train.learning_rate) == (1, 5e-3)
+    assert (s.rank, s.train.learning_rate, s.target_modules) == (1, 5e-3, ["up_proj", "down_proj"])
 
 
 def test_bank_build_flags_over_the_preset(lamp4_preset):
@@ -92,3 +93,5 @@ def test_bench_flags_over_the_preset(lamp4_preset):
         BenchConfig("LaMP-4").stack_only, train=dataclasses.replace(BenchConfig("LaMP-4").stack_only.train, learning_rate=3e-3)))
     cfg = cli._bench_config(parse(["bench", "--task", "LaMP-4", "--out", "o", "--lora-epochs", "1"]), "LaMP-4")
     assert cfg.user_lora_train.epochs == 1.0 and cfg.stack.rank == 4
+    cfg = cli._bench_config(parse(["bench", "--task", "LaMP-4", "--out", "o", "--stack-modules", "q_proj"]), "LaMP-4")
+    assert cfg.stack.target_modules == ["q_proj"] and cfg.stack.rank == 4 and cfg.recipe_stack.target_modules is None

@@ -141,10 +141,11 @@ def test_with_adapters_rewraps_instead_of_nesting(tiny_model_dir, fused, input_i
 @pytest.mark.parametrize("fusion, stack", [
     (FusionConfig(k=2), StackConfig(rank=2, train=FAST)),
     (FusionConfig(k=2), StackConfig(rank=2, top_layers=1, train=FAST)),
+    (FusionConfig(k=2), StackConfig(rank=1, target_modules=["gate_proj", "up_proj", "down_proj"], top_layers=1, train=FAST)),  # LaMP-4's
     (FusionConfig(k=3, merge="svd", rank=3), None),  # merge-only: no adapter folder
     (FusionConfig(merge="recipe"), StackConfig(rank=1, train=FAST)),
     (None, StackConfig(rank=2, train=FAST)),  # stack-only: no bank needed to load
-], ids=["exact+stack", "exact+stack-top-layer", "svd-only", "recipe+stack", "stack-only"])
+], ids=["exact+stack", "exact+stack-top-layer", "exact+stack-top-layer-mlp", "svd-only", "recipe+stack", "stack-only"])
 def test_save_and_load_give_identical_logits(tiny_bank, tiny_model_dir, users, embedder, tmp_path, input_ids, fusion, stack):
     user = users[1]
     model, tok = load_base(str(tiny_model_dir), device="cpu")

@@ -96,6 +96,8 @@ def _stack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stack-rank", type=int, choices=[1, 2, 3, 4], help=f"default {d.rank}, {TUNED}")
     p.add_argument("--stack-top-layers", type=int, help=f"stacked LoRA on the top N decoder layers only (default "
                    f"{d.top_layers or 'every layer'}, {TUNED}; more than the model has: every layer)")
+    p.add_argument("--stack-modules", nargs="+", metavar="NAME", help=f"the linear layers the stacked LoRA adapts, e.g. "
+                   f"q_proj v_proj (default: PEFT's for the architecture, {TUNED})")
     _train_args(p, d.train, tuned=True)
 
 
@@ -105,14 +107,15 @@ def _bench_stack_args(p: argparse.ArgumentParser, field: str, d, who: str) -> No
     p.add_argument(f"{flag}-rank", type=int, help=f"{who} (default {d.rank}, {TUNED})")
     p.add_argument(f"{flag}-top-layers", type=int,
                    help=f"{who} (default {d.top_layers or 'every layer'}, {TUNED}); more than the model has: every layer")
+    p.add_argument(f"{flag}-modules", nargs="+", metavar="NAME", help=f"{who} (default: PEFT's for the architecture, {TUNED})")
     p.add_argument(f"{flag}-epochs", type=float, help=f"{who} (default {d.train.epochs}, {TUNED})")
     p.add_argument(f"{flag}-lr", type=float, help=f"{who} (default {d.train.learning_rate}, {TUNED})")
 
 
 def _bench_stack(a, field: str, d):
-    v = {name: getattr(a, f"{field}_{name}") for name in ("rank", "top_layers", "epochs", "lr")}
+    v = {name: getattr(a, f"{field}_{name}") for name in ("rank", "top_layers", "modules", "epochs", "lr")}
     train = _given(d.train, epochs=v["epochs"], learning_rate=v["lr"], mixed_precision=a.mixed_precision)
-    return _given(d, rank=v["rank"], top_layers=v["top_layers"], train=train)
+    return _given(d, rank=v["rank"], top_layers=v["top_layers"], target_modules=v["modules"], train=train)
 
 
 def _stack_config(a, task_id: str):
@@ -120,7 +123,8 @@ def _stack_config(a, task_id: str):
     from mta.stacking import StackConfig
 
     d = preset(StackConfig(), task_id, "stack")
-    return _given(d, rank=a.stack_rank, top_layers=a.stack_top_layers, train=_train_config(a, d.train))
+    return _given(d, rank=a.stack_rank, top_layers=a.stack_top_layers, target_modules=a.stack_modules,
+                  train=_train_config(a, d.train))
 
 
 def _bank_config(a, task_id: str):

@@ -23,8 +23,9 @@ TASK_PRESETS: dict[str, dict] = {
     },
     "LaMP-4": {
         # its per-user LoRA did best at 2 epochs, which left MTA 1/3 of that: one gentle epoch on the top 8
-        # layers; on LaMP-4 the fused anchor carries most of the result
-        "stack": {"train": {"epochs": 1.0, "learning_rate": 5e-3}},
+        # layers, a rank-1 LoRA on their MLP (the default model's module names) rather than on q/v
+        "stack": {"train": {"epochs": 1.0, "learning_rate": 5e-3}, "rank": 1,
+                  "target_modules": ["gate_proj", "up_proj", "down_proj"]},
         "stack_only": {"train": {"learning_rate": 3e-3}},
         "recipe_stack": {"train": {"learning_rate": 1e-2}},
         "user_lora_train": {"epochs": 2.0},
