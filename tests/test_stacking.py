@@ -126,6 +126,8 @@ def test_top_layers_puts_the_stack_on_the_last_layers_only(tiny_model_dir, fused
         with_adapters(_fresh(tiny_model_dir), fused, StackConfig(top_layers=0))
     with pytest.raises(MTAError, match="'all-linear' cannot be limited to the top layers"):
         with_adapters(_fresh(tiny_model_dir), fused, StackConfig(top_layers=1, target_modules="all-linear"))
+    with pytest.raises(MTAError, match=r"modules \['c_fc'\] are not linear layers of this model \(it has \[.*'gate_proj'"):
+        with_adapters(_fresh(tiny_model_dir), fused, StackConfig(top_layers=1, target_modules=["up_proj", "c_fc"]))
 
 
 def test_with_adapters_rewraps_instead_of_nesting(tiny_model_dir, fused, input_ids):

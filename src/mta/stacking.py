@@ -102,6 +102,7 @@ def with_adapters(base, fused: LoraWeights | None, stacked: LoraWeights | StackC
         model = attach(model, fused, FUSED)
         active.append(FUSED)
     if isinstance(stacked, StackConfig):
+        _check_modules(model, stacked)
         config = stacked.peft_config(model.config.num_hidden_layers)
         if isinstance(model, PeftModel):
             model.add_adapter(STACK, config)
@@ -112,6 +113,18 @@ def with_adapters(base, fused: LoraWeights | None, stacked: LoraWeights | StackC
         model = attach(model, stacked, STACK)
         active.append(STACK)
     return _activate(model, active, trainable=isinstance(stacked, StackConfig)) if active else model
+
+
+def _check_modules(model, cfg: StackConfig) -> None:
+    """Named modules must exist: LaMP-4's preset names the default model's MLP, which other architectures call otherwise."""
+    if not isinstance(cfg.target_modules, list):
+        return
+    have = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+            if type(m).__name__ in ("Linear", "Conv1D") and "lora_" not in n and not n.endswith("base_layer")}
+    missing = [m for m in cfg.target_modules if m not in have]
+    if missing:
+        raise MTAError(f"the stacked LoRA's modules {missing} are not linear layers of this model (it has {sorted(have)}); "
+                       "name some of those with --stack-modules (a task preset may name the default model's)")
 
 
 def _activate(model: PeftModel, active: list[str], trainable: bool) -> PeftModel:
