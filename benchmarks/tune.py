@@ -216,10 +216,11 @@ def run_trial(cfg: BenchConfig, method: str, bank_users: list[User], tune_users:
             return r
     if cached_only:
         raise SystemExit(f"{out}: not run yet (--cached-only)")
-    t = cfg.bank_train
-    bank_dir = banks / f"{cfg.anchors.mode}-{cfg.anchors.num_clusters}-ep{t.epochs:g}-lr{t.learning_rate:g}"
-    bank_dir = bank_dir if METHODS[method].needs_bank else None
-    if bank_dir is not None and not (bank_dir / "manifest.json").exists():  # shared by the trials that use it
+    bank_dir = None
+    if METHODS[method].needs_bank:  # named by what shapes the bank: trials with the same one share it
+        t = cfg.bank_train
+        bank_dir = banks / f"{cfg.anchors.mode}-{cfg.anchors.num_clusters}-ep{t.epochs:g}-lr{t.learning_rate:g}"
+    if bank_dir is not None and not (bank_dir / "manifest.json").exists():
         model, tokenizer = load_base(cfg.base_model)
         build_bank(bank_users, bank_dir, cfg.bank_config(), model, tokenizer, load_embedder(cfg.embedding_model))
     return run_bench(cfg, bank_users, tune_users, out, bank_dir, {"tuning": True}, progress=False)
