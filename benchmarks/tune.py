@@ -54,13 +54,16 @@ def before_tuning(task: str) -> BenchConfig:
 
 
 def _fusion(k: int, weighting: str = "normalized", temperature: float = 0.1) -> Override:
-    return lambda c: replace(c, fusion=replace(c.fusion, k=k, weighting=weighting, temperature=temperature))
+    """MTA's fusion and merge-only's alike: the stages that change both are scored by merge-only."""
+    return lambda c: replace(c, fusion=replace(c.fusion, k=k, weighting=weighting, temperature=temperature),
+                             merge_only=replace(c.merge_only, k=k, weighting=weighting, temperature=temperature))
 
 
 def _bank(mode: str, clusters: int, fusion: Override | None = None) -> Override:
     def apply(c: BenchConfig) -> BenchConfig:
         c = replace(c, anchors=replace(c.anchors, mode=mode, num_clusters=clusters),
-                    fusion=replace(c.fusion, k=min(c.fusion.k, clusters)))
+                    fusion=replace(c.fusion, k=min(c.fusion.k, clusters)),
+                    merge_only=replace(c.merge_only, k=min(c.merge_only.k, clusters)))
         return fusion(c) if fusion else c
     return apply
 
@@ -90,6 +93,17 @@ ATTENTION, MLP = ["q_proj", "k_proj", "v_proj", "o_proj"], ["gate_proj", "up_pro
 
 def _modules(names: list[str], rank: int) -> Override:
     return lambda c: replace(c, stack=replace(c.stack, target_modules=names, rank=rank))
+
+
+def _scale(scale: float, lr_factor: float = 1.0) -> Override:
+    def apply(c: BenchConfig) -> BenchConfig:
+        train = replace(c.stack.train, learning_rate=c.stack.train.learning_rate * lr_factor)
+        return replace(c, fusion=replace(c.fusion, scale=scale), stack=replace(c.stack, train=train))
+    return apply
+
+
+def _merge_only_scale(scale: float) -> Override:
+    return lambda c: replace(c, merge_only=replace(c.merge_only, scale=scale))
 
 
 def _bank_train(epochs: float, lr: float) -> Override:
@@ -166,6 +180,18 @@ STAGES: dict[str, tuple[str, list[tuple[str, Override]]]] = {
     # which modules of the top layers the stack adapts (q_proj, v_proj until now): beyond the cached bottom
     # layers a LoRA on the MLP as well costs little more time; rank 1 keeps the bytes per user well under 1/20
     "task-mta-modules": ("mta", [("qv-r2", lambda c: c), ("mlp-r1", _modules(MLP, 1)), ("all-r1", _modules(ATTENTION + MLP, 1))]),
+    # how the bank's users are grouped, per task, now that each task trains its anchors its own way: in cluster
+    # mode every bank user's history trains some anchor, so the build costs the same for any number of clusters
+    "task-anchors": ("mta", [("cluster-8", lambda c: c), ("cluster-4", _bank("cluster", 4)),
+                             ("cluster-16", _bank("cluster", 16)), ("cluster-16-k2", _bank("cluster", 16, _fusion(2))),
+                             ("user-8", _bank("user", 8))]),
+    # how much of the fused adapter a user starts from (its weights sum to the scale): the recipe, whose factor
+    # averaging weakens its fused ΔW, beat MTA on LaMP-4 with a stronger stack; perhaps a weaker start, not averaging, helps
+    "task-fusion-scale": ("mta", [("s1", lambda c: c), ("s0.75", _scale(0.75)), ("s0.5", _scale(0.5)),
+                                  ("s0.5-lr2x", _scale(0.5, 2.0))]),
+    # the same care for merge-only, which now has a fusion of its own
+    "task-merge-only-scale": ("merge-only", [("s1", lambda c: c), ("s0.75", _merge_only_scale(0.75)),
+                                             ("s0.5", _merge_only_scale(0.5))]),
 }
 
 
@@ -185,34 +211,41 @@ def tuning_users(task_id: str, data: Path, eval_fraction: float, n: int, holdout
 
 
 BUDGETED = {"mta-cached", "mta-bf16", "task-mta", "task-mta-modules"}
-PER_TASK = {"task-per-user-lora", "task-stack-only", "task-mta", "task-recipe", "task-bank", "task-mta-modules"}
+PER_TASK = {"task-per-user-lora", "task-stack-only", "task-mta", "task-recipe", "task-bank", "task-mta-modules",
+            "task-anchors", "task-fusion-scale", "task-merge-only-scale"}
 
 
 # settings a method's result does not depend on: a later stage may change them without invalidating it
 UNUSED = {
-    "merge-only": {"stack", "stack_only", "user_lora_train", "recipe_stack"},
-    "mta": {"stack_only", "user_lora_train", "recipe_stack"},
-    "stack-only": {"anchors", "fusion", "stack", "bank_train", "lora", "user_lora_train", "recipe_stack"},
-    "per-user-lora": {"anchors", "fusion", "stack", "stack_only", "bank_train", "recipe_stack"},
-    "recipe": {"fusion", "stack", "stack_only", "user_lora_train"},
+    "merge-only": {"fusion", "stack", "stack_only", "user_lora_train", "recipe_stack"},
+    "mta": {"merge_only", "stack_only", "user_lora_train", "recipe_stack"},
+    "stack-only": {"anchors", "fusion", "merge_only", "stack", "bank_train", "lora", "user_lora_train", "recipe_stack"},
+    "per-user-lora": {"anchors", "fusion", "merge_only", "stack", "stack_only", "bank_train", "recipe_stack"},
+    "recipe": {"fusion", "merge_only", "stack", "stack_only", "user_lora_train"},
 }
 
 
-def _same(saved, now) -> bool:
-    """Equal settings; a field missing from `saved` was added to the code later, with today's default."""
+def _same(saved, now, default) -> bool:
+    """Equal settings; a field missing from `saved` was added to the code later: it ran with the field's default."""
     if isinstance(now, dict):
-        return isinstance(saved, dict) and all(k not in saved or _same(saved[k], v) for k, v in now.items())
+        return isinstance(saved, dict) and all(_same(saved[k], v, default[k]) if k in saved else v == default[k]
+                                               for k, v in now.items())
     return saved == now
+
+
+def _plain(cfg: BenchConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
 def run_trial(cfg: BenchConfig, method: str, bank_users: list[User], tune_users: list[User], out: Path,
               banks: Path, cached_only: bool = False, timed: bool = False) -> dict:
     """`timed`: reuse only this trial's own result, not an equal one run earlier (perhaps by slower code)."""
     cfg = replace(cfg, methods=[method])
-    settings = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items() if k not in UNUSED[method]}
+    settings = {k: v for k, v in _plain(cfg).items() if k not in UNUSED[method]}
+    default = _plain(BenchConfig(cfg.task, methods=[method]))
     others = [] if timed else sorted(out.parent.parent.glob("*/*/results.json"))
     for done in [out / "results.json", *others]:  # the same trial, run before
-        if done.exists() and _same((r := json.loads(done.read_text()))["config"]["bench"], settings):
+        if done.exists() and _same((r := json.loads(done.read_text()))["config"]["bench"], settings, default):
             return r
     if cached_only:
         raise SystemExit(f"{out}: not run yet (--cached-only)")

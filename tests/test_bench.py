@@ -5,9 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from mta.bench import METHODS, split_users, versus
+from mta import bench
+from mta.bench import METHODS, BenchConfig, Run, split_users, versus
 from mta.cli import main
-from mta.data.lamp import load_users
+from mta.data.lamp import User, load_users
+from mta.fusion import FusionConfig
 from mta.tasks import get_task
 
 FAST = ["--num-clusters", "3", "--bank-epochs", "1", "--lora-epochs", "1", "--stack-epochs", "1", "--stack-only-epochs", "1",
@@ -118,6 +120,23 @@ def test_split_is_seeded_and_disjoint(movie_data):
     assert len(held) == 4 and len(bank) == 8 and not {u.user_id for u in bank} & {u.user_id for u in held}
     assert [u.user_id for u in split_users(users, 1 / 3, seed=0)[1]] == [u.user_id for u in held]
     assert [u.user_id for u in split_users(users, 1 / 3, seed=1)[1]] != [u.user_id for u in held]
+
+
+def test_merge_only_fuses_with_its_own_settings(monkeypatch, tmp_path):
+    """A task may start MTA's stack from a scaled fusion; merge-only keeps the fusion tuned for it."""
+    seen = {}
+
+    def personalize(bank, user, cfg, *args, **kwargs):
+        seen[cfg.stack is None] = cfg
+        raise StopIteration
+
+    monkeypatch.setattr(bench, "personalize", personalize)
+    cfg = BenchConfig("LaMP-4", fusion=FusionConfig(scale=0.5), merge_only=FusionConfig(k=2))
+    run = Run(cfg, get_task("LaMP-4"), None, None, object(), False)
+    for name in ["mta", "merge-only"]:
+        with pytest.raises(StopIteration):
+            METHODS[name].adapt(run, None, User("u", [], []), tmp_path)
+    assert seen[False].fusion == FusionConfig(scale=0.5) and seen[True].fusion == FusionConfig(k=2)
 
 
 def test_versus_is_a_paired_bootstrap_of_the_main_metric():

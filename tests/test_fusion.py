@@ -201,6 +201,23 @@ def test_plan_picks_top_k_by_cosine(random_bank):
     assert (record.merge, record.rank) == ("exact", None)
 
 
+@pytest.mark.parametrize("scale", [0.5, 2.0])
+def test_scale_is_the_weights_sum_and_scales_the_delta(random_bank, scale):
+    user = np.array([0.1, 0.9, 0.2], dtype=np.float32)
+    full = plan_fusion(random_bank, user, FusionConfig(k=3))
+    scaled = plan_fusion(random_bank, user, FusionConfig(k=3, scale=scale))
+    assert scaled.anchor_ids == full.anchor_ids and sum(scaled.weights) == pytest.approx(scale)
+    a, b = merge(random_bank, full), merge(random_bank, scaled)  # the record carries the scale: a rebuild needs nothing else
+    for n in a.modules:
+        torch.testing.assert_close(b.delta(n), scale * a.delta(n), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan")])
+def test_scale_must_be_positive(random_bank, scale):
+    with pytest.raises(MTAError, match="fusion scale must be positive"):
+        plan_fusion(random_bank, np.ones(3), FusionConfig(scale=scale))
+
+
 @pytest.mark.parametrize("k", [0, 5, 50])
 def test_k_out_of_range(random_bank, k):
     with pytest.raises(MTAError, match=rf"k={k} is out of range: the bank has 4 anchor\(s\)"):

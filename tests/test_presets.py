@@ -9,6 +9,7 @@ import pytest
 from mta import cli, presets
 from mta.bank import BankConfig
 from mta.bench import BenchConfig
+from mta.fusion import FusionConfig
 from mta.stacking import PersonalizeConfig, StackConfig
 from mta.tasks import get_task
 
@@ -75,6 +76,18 @@ def test_unset_flags_take_the_preset_given_ones_win(lamp4_preset):
                "--stack-modules", "up_proj", "down_proj"])
     s = cli._stack_config(a, "LaMP-4")
     assert (s.rank, s.train.learning_rate, s.target_modules) == (1, 5e-3, ["up_proj", "down_proj"])
+
+
+def test_fusion_preset_is_mtas_merge_only_keeps_its_own(monkeypatch):
+    monkeypatch.setattr(presets, "TASK_PRESETS", {"LaMP-4": {"fusion": {"scale": 0.5}}})
+    parse = cli.build_parser().parse_args
+    cfg = cli._bench_config(parse(["bench", "--task", "LaMP-4", "--out", "o"]), "LaMP-4")
+    assert (cfg.fusion, cfg.merge_only) == (FusionConfig(scale=0.5), FusionConfig())
+    cfg = cli._bench_config(parse(["bench", "--task", "LaMP-4", "--out", "o", "--fusion-scale", "0.8", "--k", "2"]), "LaMP-4")
+    assert cfg.fusion == cfg.merge_only == FusionConfig(k=2, scale=0.8)  # flags reach both
+    personalize = ["personalize", "--bank", "b", "--user-data", "u", "--out", "o"]
+    assert cli._fusion_config(parse(personalize), "LaMP-4").scale == 0.5
+    assert cli._fusion_config(parse(personalize + ["--no-stack"]), "LaMP-4", "merge_only") == FusionConfig()
 
 
 def test_bank_build_flags_over_the_preset(lamp4_preset):

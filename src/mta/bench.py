@@ -57,7 +57,9 @@ class BenchConfig:
     lora: LoraSpec = field(default_factory=LoraSpec)  # rank 8: the bank's anchors and the per-user LoRA alike
     bank_train: TrainConfig = field(default_factory=anchor_training)
     user_lora_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3.0, learning_rate=2e-3))  # tuned
-    fusion: FusionConfig = field(default_factory=FusionConfig)  # mta and merge-only
+    fusion: FusionConfig = field(default_factory=FusionConfig)  # mta
+    # merge-only, tuned on its own: a task may start MTA's stack from another fusion (LaMP-4: half strength)
+    merge_only: FusionConfig = field(default_factory=FusionConfig)
     stack: StackConfig = field(default_factory=StackConfig)  # mta
     # stack-only, tuned on its own: from the base model a rank-2 LoRA needs 3 epochs at 1e-2 (benchmarks/results/tuning.md)
     stack_only: StackConfig = field(default_factory=lambda: StackConfig(
@@ -131,7 +133,7 @@ METHODS: dict[str, Method] = {
     "base": Method(_unadapted, history=False),
     "rag": Method(_unadapted),
     "per-user-lora": Method(_per_user_lora),
-    "merge-only": Method(_personalized(lambda c: PersonalizeConfig(c.fusion, None, c.num_retrieved)), needs_bank=True),
+    "merge-only": Method(_personalized(lambda c: PersonalizeConfig(c.merge_only, None, c.num_retrieved)), needs_bank=True),
     "stack-only": Method(_personalized(lambda c: PersonalizeConfig(None, c.stack_only, c.num_retrieved))),
     "recipe": Method(_personalized(_recipe), needs_bank=True),
     "mta": Method(_personalized(lambda c: PersonalizeConfig(c.fusion, c.stack, c.num_retrieved)), needs_bank=True),
@@ -251,7 +253,8 @@ def run_bench(cfg: BenchConfig, bank_users: list[User], eval_users: list[User], 
         scores = task.evaluate(answers[name], golds)
         methods[name] = {**scores, "train_seconds_per_user": cost[name]["train"] / n,
                          "infer_seconds_per_user": cost[name]["infer"] / n, "bytes_per_user": cost[name]["bytes"] / n}
-    fusion_cfg = cfg.fusion if {"mta", "merge-only"} & set(cfg.methods) else FusionConfig(merge="recipe")
+    fusion_cfg = (cfg.fusion if "mta" in cfg.methods else cfg.merge_only if "merge-only" in cfg.methods
+                  else FusionConfig(merge="recipe"))
     results = {
         "task": task.id, "main_metric": task.main_metric, "n_eval_users": n, "n_bank_users": len(bank_users),
         "methods": methods, "mta_versus": {name: versus(task, answers["mta"], answers[name], golds)

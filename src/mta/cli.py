@@ -76,16 +76,18 @@ def _fusion_args(p: argparse.ArgumentParser, svd: bool = False) -> None:
     p.add_argument("--weighting", choices=["normalized", "softmax"], help=f"default {d.weighting}, {TUNED}")
     p.add_argument("--temperature", type=float, help=f"softmax weighting (default {d.temperature}, {TUNED})")
     p.add_argument("--merge", choices=["exact", "linear", "svd", "recipe"], help=f"default {d.merge}, {TUNED}")
+    p.add_argument("--fusion-scale", type=float, help=f"the fused weights' sum (default {d.scale}, {TUNED})")
     if svd:
         p.add_argument("--svd-rank", type=int, default=None)
 
 
-def _fusion_config(a, task_id: str):
+def _fusion_config(a, task_id: str, field: str = "fusion"):
+    """`field`: "merge_only" for fusion without stacking, whose tuned settings may differ from MTA's."""
     from mta.fusion import FusionConfig
     from mta.presets import preset
 
-    return _given(preset(FusionConfig(), task_id, "fusion"), k=a.k, weighting=a.weighting, temperature=a.temperature,
-                  merge=a.merge, rank=getattr(a, "svd_rank", None))
+    return _given(preset(FusionConfig(), task_id, field), k=a.k, weighting=a.weighting, temperature=a.temperature,
+                  merge=a.merge, rank=getattr(a, "svd_rank", None), scale=a.fusion_scale)
 
 
 def _stack_args(p: argparse.ArgumentParser) -> None:
@@ -169,7 +171,8 @@ def cmd_personalize(a) -> None:
     users = load_users(a.user_data, bank.task)
     jobs = [(find_user(users, a.user_id), Path(a.out))] if a.user_id is not None else store_folders(users, a.out)
     stack = None if a.no_stack else _stack_config(a, bank.task.id)
-    results = run_personalize(a.bank, jobs, PersonalizeConfig(_fusion_config(a, bank.task.id), stack, a.retrieve), a.executor, a.ray_address,
+    fusion = _fusion_config(a, bank.task.id, "merge_only" if a.no_stack else "fusion")
+    results = run_personalize(a.bank, jobs, PersonalizeConfig(fusion, stack, a.retrieve), a.executor, a.ray_address,
                               a.device, a.dtype)
     for (user, folder), (record, size) in zip(jobs, results):
         f = record.fusion
@@ -262,7 +265,7 @@ def _bench_config(a, task_id: str):
                   anchors=_given(d.anchors, num_clusters=a.num_clusters, mode=a.anchor_mode),
                   bank_train=_given(d.bank_train, epochs=a.bank_epochs, learning_rate=a.bank_lr, mixed_precision=mp),
                   user_lora_train=_given(d.user_lora_train, epochs=a.lora_epochs, learning_rate=a.lora_lr, mixed_precision=mp),
-                  fusion=_fusion_config(a, task_id),
+                  fusion=_fusion_config(a, task_id), merge_only=_fusion_config(a, task_id, "merge_only"),
                   stack=_bench_stack(a, "stack", d.stack), stack_only=_bench_stack(a, "stack_only", d.stack_only),
                   recipe_stack=_bench_stack(a, "recipe_stack", d.recipe_stack))
 
@@ -408,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--bank-lr", type=float, help=f"default {c.bank_train.learning_rate}, {TUNED}")
     r.add_argument("--lora-epochs", type=float, help=f"per-user-lora baseline (default {c.user_lora_train.epochs}, {TUNED})")
     r.add_argument("--lora-lr", type=float, help=f"per-user-lora baseline (default {c.user_lora_train.learning_rate}, {TUNED})")
-    _fusion_args(r)  # mta and merge-only
+    _fusion_args(r)  # mta and merge-only alike
     _bench_stack_args(r, "stack", c.stack, "mta")
     _bench_stack_args(r, "stack_only", c.stack_only, "stack-only baseline")
     _bench_stack_args(r, "recipe_stack", c.recipe_stack, "recipe baseline")

@@ -95,8 +95,12 @@ class FusionConfig:
     temperature: float = 0.1
     merge: str = "exact"  # exact | linear | svd | recipe
     rank: int | None = None  # svd only; default: the anchors' rank
+    # the weights sum to `scale` (task arithmetic's λ): below 1 the user starts nearer the base model
+    scale: float = 1.0
 
     def resolved(self) -> "FusionConfig":
+        if not self.scale > 0:
+            raise MTAError(f"fusion scale must be positive, got {self.scale}")
         if self.merge == "recipe":
             return FusionConfig(k=2, weighting="published", merge="linear")
         if self.merge not in MERGE_METHODS:
@@ -139,7 +143,7 @@ def plan_fusion(bank: Bank, user_embedding: np.ndarray | Tensor, cfg: FusionConf
                        f"embed with {bank.manifest['embedding_model']!r}")
     sims = torch.nn.functional.cosine_similarity(bank.embeddings, u[None], dim=1)
     top = torch.topk(sims, eff.k).indices
-    w = WEIGHTINGS[eff.weighting](sims[top], eff.temperature)
+    w = eff.scale * WEIGHTINGS[eff.weighting](sims[top], eff.temperature)
     return FusionRecord([bank.anchor_ids[i] for i in top.tolist()], sims[top].tolist(), w.tolist(), cfg.merge, eff.rank)
 
 
