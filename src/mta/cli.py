@@ -359,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     _fusion_args(s, svd=True)
     _stack_args(s)
-    s.add_argument("--no-stack", action="store_true", help="fusion only: store just the fusion record")
+    s.add_argument("--no-stack", action="store_true", help="fusion only: store just the fusion record "
+                   "(with the fusion settings tuned for merge-only, where a task's differ from MTA's)")
     s.add_argument("--retrieve", type=int, default=1)
     _model_args(s)
     _executor_args(s, "user")
