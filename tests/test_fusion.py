@@ -202,14 +202,16 @@ def test_plan_picks_top_k_by_cosine(random_bank):
 
 
 @pytest.mark.parametrize("scale", [0.5, 2.0])
-def test_scale_is_the_weights_sum_and_scales_the_delta(random_bank, scale):
+@pytest.mark.parametrize("merge_method, power", [("exact", 1), ("recipe", 2)])  # factor averaging scales A and B alike
+def test_scale_is_the_weights_sum_and_scales_the_delta(random_bank, scale, merge_method, power):
     user = np.array([0.1, 0.9, 0.2], dtype=np.float32)
-    full = plan_fusion(random_bank, user, FusionConfig(k=3))
-    scaled = plan_fusion(random_bank, user, FusionConfig(k=3, scale=scale))
+    k = 2 if merge_method == "recipe" else 3
+    full = plan_fusion(random_bank, user, FusionConfig(k=k, merge=merge_method))
+    scaled = plan_fusion(random_bank, user, FusionConfig(k=k, merge=merge_method, scale=scale))
     assert scaled.anchor_ids == full.anchor_ids and sum(scaled.weights) == pytest.approx(scale)
     a, b = merge(random_bank, full), merge(random_bank, scaled)  # the record carries the scale: a rebuild needs nothing else
     for n in a.modules:
-        torch.testing.assert_close(b.delta(n), scale * a.delta(n), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(b.delta(n), scale**power * a.delta(n), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("scale", [0.0, -1.0, float("nan")])

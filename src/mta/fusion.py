@@ -96,13 +96,14 @@ class FusionConfig:
     merge: str = "exact"  # exact | linear | svd | recipe
     rank: int | None = None  # svd only; default: the anchors' rank
     # the weights sum to `scale` (task arithmetic's λ): below 1 the user starts nearer the base model
+    # (exact and svd scale ΔW by it; linear, which scales A and B alike, by its square)
     scale: float = 1.0
 
     def resolved(self) -> "FusionConfig":
         if not self.scale > 0:
             raise MTAError(f"fusion scale must be positive, got {self.scale}")
         if self.merge == "recipe":
-            return FusionConfig(k=2, weighting="published", merge="linear")
+            return FusionConfig(k=2, weighting="published", merge="linear", scale=self.scale)
         if self.merge not in MERGE_METHODS:
             raise MTAError(f"unknown merge method {self.merge!r}; known: {', '.join([*MERGE_METHODS, 'recipe'])}")
         if self.weighting not in WEIGHTINGS:
