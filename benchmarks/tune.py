@@ -53,17 +53,19 @@ def before_tuning(task: str) -> BenchConfig:
                        user_lora_train=TrainConfig(epochs=3.0, learning_rate=5e-4))
 
 
+def _both_fusions(c: BenchConfig, change: Callable[[FusionConfig], FusionConfig]) -> BenchConfig:
+    """MTA's fusion and merge-only's alike: the shared stages that change both are scored by merge-only."""
+    return replace(c, fusion=change(c.fusion), merge_only=change(c.merge_only))
+
+
 def _fusion(k: int, weighting: str = "normalized", temperature: float = 0.1) -> Override:
-    """MTA's fusion and merge-only's alike: the stages that change both are scored by merge-only."""
-    return lambda c: replace(c, fusion=replace(c.fusion, k=k, weighting=weighting, temperature=temperature),
-                             merge_only=replace(c.merge_only, k=k, weighting=weighting, temperature=temperature))
+    return lambda c: _both_fusions(c, lambda f: replace(f, k=k, weighting=weighting, temperature=temperature))
 
 
 def _bank(mode: str, clusters: int, fusion: Override | None = None) -> Override:
     def apply(c: BenchConfig) -> BenchConfig:
-        c = replace(c, anchors=replace(c.anchors, mode=mode, num_clusters=clusters),
-                    fusion=replace(c.fusion, k=min(c.fusion.k, clusters)),
-                    merge_only=replace(c.merge_only, k=min(c.merge_only.k, clusters)))
+        c = _both_fusions(replace(c, anchors=replace(c.anchors, mode=mode, num_clusters=clusters)),
+                          lambda f: replace(f, k=min(f.k, clusters)))
         return fusion(c) if fusion else c
     return apply
 
