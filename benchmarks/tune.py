@@ -28,9 +28,10 @@ from typing import Callable
 
 from mta.anchors import AnchorConfig
 from mta.bank import build_bank
-from mta.bench import METHODS, BenchConfig, run_bench, split_users
-from mta.data.lamp import Query, User, load_users
+from mta.bench import METHODS, BenchConfig, hold_out_items, run_bench, split_users
+from mta.data.lamp import User, load_users
 from mta.fusion import FusionConfig
+from mta.generation import Decoding
 from mta.io import atomic_write_bytes, atomic_write_json
 from mta.models import load_base, load_embedder
 from mta.stacking import StackConfig
@@ -112,10 +113,15 @@ def _bank_train(epochs: float, lr: float) -> Override:
     return lambda c: replace(c, bank_train=replace(c.bank_train, epochs=epochs, learning_rate=lr))
 
 
-# stage: (the method that scores it, [(trial name, override)]); the first trial is the setting before tuning.
+def _no_repeat(n: int) -> Override:
+    return lambda c: replace(c, decoding=Decoding(no_repeat_ngram=n))
+
+
+# stage: (the method that scores it, or several whose mean does, [(trial name, override)]); the first trial is the
+# setting before tuning.
 # MTA's stack gets about one full-layer epoch of compute: its training time must stay within 1/3 of the
 # per-user LoRA's (3 epochs).
-STAGES: dict[str, tuple[str, list[tuple[str, Override]]]] = {
+STAGES: dict[str, tuple[str | tuple[str, ...], list[tuple[str, Override]]]] = {
     "fusion": ("merge-only", [
         ("k2-normalized", _fusion(2)), ("k1", _fusion(1)),
         ("k2-softmax-t0.05", _fusion(2, "softmax", 0.05)), ("k2-softmax-t0.02", _fusion(2, "softmax", 0.02)),
@@ -194,6 +200,10 @@ STAGES: dict[str, tuple[str, list[tuple[str, Override]]]] = {
     # the same care for merge-only, which now has a fusion of its own
     "task-merge-only-scale": ("merge-only", [("s1", lambda c: c), ("s0.75", _merge_only_scale(0.75)),
                                              ("s0.5", _merge_only_scale(0.5))]),
+    # decoding, which every method shares and so every method scores (their mean): near the base model mta and the
+    # recipe wrote some LaMP-4 headlines as loops ("The Unyielding Ken Barringer: The Unyielding Ken Barringer: ...")
+    "task-decoding": (tuple(METHODS), [("off", lambda c: c), ("no-repeat-3", _no_repeat(3)),
+                                       ("no-repeat-4", _no_repeat(4))]),
 }
 
 
@@ -203,28 +213,28 @@ def tuning_users(task_id: str, data: Path, eval_fraction: float, n: int, holdout
     task = get_task(task_id)
     bank_users, _ = split_users(load_users(data, task), eval_fraction, seed)
     picked = set(random.Random(seed + 1).sample(range(len(bank_users)), n))
-    tune = []
-    for i in sorted(picked):
-        u = bank_users[i]
-        extra = [Query(f"{u.user_id}-p{j}", *map(str, task.item_pair(item)))
-                 for j, item in enumerate(u.profile[-holdout:])]
-        tune.append(User(u.user_id, u.profile[:-holdout], extra + u.queries))
+    tune = hold_out_items(task, [u for i, u in enumerate(bank_users) if i in picked], holdout)
     return [u for i, u in enumerate(bank_users) if i not in picked], tune
 
 
 BUDGETED = {"mta-cached", "mta-bf16", "task-mta", "task-mta-modules"}
 PER_TASK = {"task-per-user-lora", "task-stack-only", "task-mta", "task-recipe", "task-bank", "task-mta-modules",
-            "task-anchors", "task-fusion-scale", "task-merge-only-scale"}
+            "task-anchors", "task-fusion-scale", "task-merge-only-scale", "task-decoding"}
 
 
-# settings a method's result does not depend on: a later stage may change them without invalidating it
-UNUSED = {
-    "merge-only": {"fusion", "stack", "stack_only", "user_lora_train", "recipe_stack"},
-    "mta": {"merge_only", "stack_only", "user_lora_train", "recipe_stack"},
-    "stack-only": {"anchors", "fusion", "merge_only", "stack", "bank_train", "lora", "user_lora_train", "recipe_stack"},
-    "per-user-lora": {"anchors", "fusion", "merge_only", "stack", "stack_only", "bank_train", "recipe_stack"},
-    "recipe": {"fusion", "merge_only", "stack", "stack_only", "user_lora_train"},
+# the settings that shape a trained adapter, and those each method's result depends on: a later stage may change
+# the others without invalidating it
+TRAINED = {"anchors", "fusion", "merge_only", "stack", "stack_only", "bank_train", "lora", "user_lora_train", "recipe_stack"}
+USES = {
+    "base": set(),
+    "rag": set(),
+    "per-user-lora": {"lora", "user_lora_train"},
+    "merge-only": {"anchors", "bank_train", "lora", "merge_only"},
+    "stack-only": {"stack_only"},
+    "recipe": {"anchors", "bank_train", "lora", "recipe_stack"},
+    "mta": {"anchors", "bank_train", "lora", "fusion", "stack"},
 }
+UNUSED = {m: TRAINED - used for m, used in USES.items()}
 
 
 def _same(saved, now, default) -> bool:
@@ -294,13 +304,22 @@ def main() -> None:
         for name, override in trials:
             for task, (bank_users, tune_users) in splits.items():
                 cfg = override(cfgs[task])
-                start = time.perf_counter()
-                r = run_trial(cfg, "per-user-lora" if name == "_per-user-lora" else method, bank_users, tune_users,
-                              out / task / stage / name, out / task / "banks", a.cached_only, timed)
-                m = next(iter(r["methods"].values()))
-                scores.setdefault(name, {})[task] = {**m, "main": m[r["main_metric"]]}
-                print(f"[{stage}] {task} {name}: {r['main_metric']}={m[r['main_metric']]:.4f} "
-                      f"train {m['train_seconds_per_user']:.1f} s/user ({time.perf_counter() - start:.0f} s)", flush=True)
+                by = ["per-user-lora"] if name == "_per-user-lora" else [method] if isinstance(method, str) else method
+                per_method = {}
+                for m in by:
+                    start = time.perf_counter()
+                    folder = out / task / stage / (name if len(by) == 1 else f"{name}-{m}")
+                    r = run_trial(cfg, m, bank_users, tune_users, folder, out / task / "banks", a.cached_only, timed)
+                    per_method[m] = {**r["methods"][m], "main": r["methods"][m][r["main_metric"]]}
+                    print(f"[{stage}] {task} {name} {m}: {r['main_metric']}={per_method[m]['main']:.4f} train "
+                          f"{per_method[m]['train_seconds_per_user']:.1f} s/user ({time.perf_counter() - start:.0f} s)", flush=True)
+                if len(by) == 1:
+                    scores.setdefault(name, {})[task] = per_method[by[0]]
+                else:  # scored by the methods' mean; their train time is the sum
+                    scores.setdefault(name, {})[task] = {
+                        "main": sum(v["main"] for v in per_method.values()) / len(by),
+                        "train_seconds_per_user": sum(v["train_seconds_per_user"] for v in per_method.values()),
+                        "methods": {m: v["main"] for m, v in per_method.items()}}
         reference = scores.pop("_per-user-lora", None)
         best_of = {t: max(s[t]["main"] for s in scores.values()) or 1.0 for t in splits}
         combined = {n: sum(s[t]["main"] / best_of[t] for t in splits) / len(splits) for n, s in scores.items()}
@@ -331,7 +350,8 @@ def markdown(report: dict) -> str:
     for stage, s in report["stages"].items():
         w = s["winner"]
         won = ", ".join(f"{t}: **{n}**" for t, n in w.items()) if isinstance(w, dict) else f"**{w}**"
-        lines += [f"## {stage} (scored by {s['method']}; winner {won})", "",
+        by = s["method"] if isinstance(s["method"], str) else "the mean of " + ", ".join(s["method"])
+        lines += [f"## {stage} (scored by {by}; winner {won})", "",
                   "| trial | " + " | ".join(f"{t} main | {t} train s/user" for t in tasks) + " | combined |",
                   "|---|" + "---|---|" * len(tasks) + "---|"]
         listed = [n for n, _ in STAGES[stage][1]] if stage in STAGES else []
@@ -341,6 +361,10 @@ def markdown(report: dict) -> str:
             cells = [f"{per_task[t]['main']:.4f} | {per_task[t]['train_seconds_per_user']:.1f}{' (over)' if over[t] else ''}"
                      for t in tasks]
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {s['combined'][name]:.3f} |")
+        if not isinstance(s["method"], str):
+            lines += ["", "| trial | task | " + " | ".join(s["method"]) + " |", "|---|---|" + "---|" * len(s["method"])]
+            lines += [f"| {name} | {t} | " + " | ".join(f"{per_task[t]['methods'][m]:.4f}" for m in s["method"]) + " |"
+                      for name, per_task in s["trials"].items() for t in tasks]
         if "budget" in s:
             lines.append("\nBudget: 1/3 of the per-user LoRA's train s/user, timed in this stage: "
                          + ", ".join(f"{t} {v:.1f} s" for t, v in s["budget"].items()) + "; (over): over it.")

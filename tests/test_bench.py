@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 
 from mta import bench
-from mta.bench import METHODS, BenchConfig, Run, split_users, versus
+from mta.bench import METHODS, BenchConfig, Run, hold_out_items, split_users, versus
 from mta.cli import main
-from mta.data.lamp import User, load_users
+from mta.data.lamp import Query, User, load_users
 from mta.fusion import FusionConfig
+from mta.io import MTAError
 from mta.tasks import get_task
 
 FAST = ["--num-clusters", "3", "--bank-epochs", "1", "--lora-epochs", "1", "--stack-epochs", "1", "--stack-only-epochs", "1",
@@ -139,6 +140,36 @@ def test_merge_only_fuses_with_its_own_settings(monkeypatch, tmp_path):
     assert seen[False].fusion == FusionConfig(scale=0.5) and seen[True].fusion == FusionConfig(k=2)
 
 
+def test_decoding_reaches_every_method(run, tmp_path, tiny_model_dir):
+    """--no-repeat-ngram is decoding, which the methods share: the tiny model's looping answers change."""
+    out = tmp_path / "no-repeat"
+    assert main(["bench", "--task", "LaMP-2", "--bank-users", str(run / "bank_users.json"), "--eval-users",
+                 str(run / "eval_users.json"), "--out", str(out), "--model", str(tiny_model_dir), "--methods", "base", "rag",
+                 "--no-repeat-ngram", "2"]) == 0
+    assert json.loads((out / "results.json").read_text())["config"]["bench"]["decoding"] == {"no_repeat_ngram": 2}
+    for name in ["base", "rag"]:
+        before, after = (json.loads((d / "predictions" / f"{name}.json").read_text())["golds"] for d in (run, out))
+        assert [p["id"] for p in before] == [p["id"] for p in after] and before != after
+
+
+def test_hold_out_items_scores_the_last_profile_items(movie_data, run, tmp_path, tiny_model_dir):
+    task = get_task("LaMP-2")
+    user = load_users(movie_data, task)[0]
+    held = hold_out_items(task, [user], 2)[0]
+    assert held.profile == user.profile[:-2] and held.queries[2:] == user.queries
+    assert held.queries[:2] == [Query(f"{user.user_id}-p{j}", *task.item_pair(it)) for j, it in enumerate(user.profile[-2:])]
+    assert hold_out_items(task, [user], 0) == [user]
+    with pytest.raises(MTAError, match="must keep at least one"):
+        hold_out_items(task, [user], len(user.profile))
+    out = tmp_path / "holdout"
+    assert main(["bench", "--task", "LaMP-2", "--bank-users", str(run / "bank_users.json"), "--eval-users",
+                 str(run / "eval_users.json"), "--out", str(out), "--model", str(tiny_model_dir), "--methods", "base", "mta",
+                 "--reuse-bank", str(run / "bank"), "--eval-holdout", "2", *FAST]) == 0
+    r = json.loads((out / "results.json").read_text())
+    assert (r["n_eval_users"], r["n_eval_answers"]) == (3, 9) and "(9 answers)" in (out / "results.md").read_text()
+    assert sum("-p" in p["id"] for p in json.loads((out / "predictions" / "mta.json").read_text())["golds"]) == 6
+
+
 def test_versus_is_a_paired_bootstrap_of_the_main_metric():
     task = get_task("LaMP-2")
     golds = ["comedy", "sci-fi", "comedy", "romance"] * 4
@@ -150,3 +181,14 @@ def test_versus_is_a_paired_bootstrap_of_the_main_metric():
     assert versus(task, golds[:8] + wrong[:8], golds, golds) == v  # seeded
     rouge = versus(get_task("LaMP-4"), ["a red fox", "blue sky"], ["a red dog", "grey sky"], ["a red fox", "blue sky today"])
     assert rouge["diff"] > 0 and rouge["ci95"][0] <= rouge["diff"] <= rouge["ci95"][1]
+
+
+def test_versus_resamples_a_users_answers_together():
+    """4 users x 4 answers, each user all right or all wrong: 4 independent outcomes, not 16."""
+    task, golds = get_task("LaMP-2"), ["comedy"] * 16
+    ours = ["comedy"] * 8 + ["action"] * 8
+    users = [u for u in "abcd" for _ in range(4)]
+    by_query, by_user = versus(task, ours, golds, golds), versus(task, ours, golds, golds, users)
+    assert by_query["diff"] == by_user["diff"] == -0.5
+    assert by_user["ci95"][0] < by_query["ci95"][0] and by_query["ci95"][1] < by_user["ci95"][1]
+    assert versus(task, ours, golds, golds, list(range(16))) == by_query  # one answer per user: as by query

@@ -10,6 +10,7 @@ from mta import cli, presets
 from mta.bank import BankConfig
 from mta.bench import BenchConfig
 from mta.fusion import FusionConfig
+from mta.generation import Decoding
 from mta.stacking import PersonalizeConfig, StackConfig
 from mta.tasks import get_task
 
@@ -108,3 +109,14 @@ def test_bench_flags_over_the_preset(lamp4_preset):
     assert cfg.user_lora_train.epochs == 1.0 and cfg.stack.rank == 4
     cfg = cli._bench_config(parse(["bench", "--task", "LaMP-4", "--out", "o", "--stack-modules", "q_proj"]), "LaMP-4")
     assert cfg.stack.target_modules == ["q_proj"] and cfg.stack.rank == 4 and cfg.recipe_stack.target_modules is None
+
+
+def test_decoding_preset_reaches_bench_and_generate_flags_win(monkeypatch):
+    monkeypatch.setattr(presets, "TASK_PRESETS", {"LaMP-4": {"decoding": {"no_repeat_ngram": 3}}})
+    parse = cli.build_parser().parse_args
+    a = parse(["bench", "--task", "LaMP-4", "--out", "o"])
+    assert cli._bench_config(a, "LaMP-4").decoding == Decoding(3) and cli._bench_config(a, "LaMP-2").decoding == Decoding()
+    a = parse(["bench", "--task", "LaMP-4", "--out", "o", "--no-repeat-ngram", "0"])
+    assert cli._bench_config(a, "LaMP-4").decoding == Decoding()
+    assert cli._decoding(parse(["generate", "--user", "u"]), "LaMP-4") == Decoding(3)
+    assert cli._decoding(parse(["serve", "--bank", "b", "--store", "s", "--no-repeat-ngram", "4"]), "LaMP-4") == Decoding(4)

@@ -27,10 +27,10 @@ from tqdm.auto import tqdm
 
 from mta.anchors import AnchorConfig
 from mta.bank import Bank, BankConfig, LoraSpec, anchor_training, build_bank
-from mta.data.lamp import User, load_users
+from mta.data.lamp import Query, User, load_users
 from mta.embedding import profile_embedding
 from mta.fusion import FusionConfig, merge, plan_fusion
-from mta.generation import generate
+from mta.generation import Decoding, generate
 from mta.io import MTAError, atomic_write_bytes, atomic_write_json
 from mta.metrics import LOWER_IS_BETTER
 from mta.models import DEFAULT_EMBEDDER, DEFAULT_MODEL, load_base, load_embedder
@@ -53,6 +53,7 @@ class BenchConfig:
     embedding_model: str = DEFAULT_EMBEDDER
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     num_retrieved: int = 1
+    decoding: Decoding = field(default_factory=Decoding)  # every method alike
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
     lora: LoraSpec = field(default_factory=LoraSpec)  # rank 8: the bank's anchors and the per-user LoRA alike
     bank_train: TrainConfig = field(default_factory=anchor_training)
@@ -67,6 +68,9 @@ class BenchConfig:
     # recipe: the published rank-4 stack; its schedule is tuned for it on its own (the task-recipe stage)
     recipe_stack: StackConfig = field(default_factory=lambda: StackConfig(rank=4))
     limit_users: int | None = None  # a quick check: at most this many bank users and eval users
+    # more answers per eval user: their last N profile items, removed from their profile first, are scored too
+    # (0: the query alone, LaMP's protocol)
+    eval_holdout: int = 0
 
     def bank_config(self) -> BankConfig:
         return BankConfig(task=get_task(self.task).id, base_model=self.base_model, embedding_model=self.embedding_model,
@@ -155,6 +159,18 @@ def split_users(users: list[User], eval_fraction: float, seed: int) -> tuple[lis
     return [u for i, u in enumerate(users) if i not in held], [u for i, u in enumerate(users) if i in held]
 
 
+def hold_out_items(task: Task, users: list[User], n: int) -> list[User]:
+    """Each user's last `n` profile items become queries too, and leave the profile: n more scored answers per
+    personalization at the same training cost, where one query per user leaves a comparison mostly noise."""
+    if n == 0:
+        return users
+    if n < 0 or any(len(u.profile) <= n for u in users):
+        raise MTAError(f"cannot hold out {n} profile items: every user must keep at least one (smallest profile: "
+                       f"{min(len(u.profile) for u in users)} items)")
+    return [User(u.user_id, u.profile[:-n], [Query(f"{u.user_id}-p{j}", *map(str, task.item_pair(item)))
+                                            for j, item in enumerate(u.profile[-n:])] + u.queries) for u in users]
+
+
 def write_users(path: Path, users: list[User]) -> None:
     """The per-user LaMP layout, so a split can be rerun with --bank-users/--eval-users."""
     atomic_write_json(path, [{"user_id": u.user_id, "profile": u.profile,
@@ -215,6 +231,7 @@ def run_bench(cfg: BenchConfig, bank_users: list[User], eval_users: list[User], 
         raise MTAError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
     if cfg.limit_users is not None:
         bank_users, eval_users = bank_users[: cfg.limit_users], eval_users[: cfg.limit_users]
+    eval_users = hold_out_items(task, eval_users, cfg.eval_holdout)
     _check_disjoint(bank_users, eval_users, None)
     _check_eval_users(eval_users)
     model, tokenizer = load_base(cfg.base_model, device, dtype)
@@ -227,6 +244,7 @@ def run_bench(cfg: BenchConfig, bank_users: list[User], eval_users: list[User], 
     preds = {m: [] for m in cfg.methods}
     cost = {m: {"train": 0.0, "infer": 0.0, "bytes": 0} for m in cfg.methods}
     golds = [q.gold for u in eval_users for q in u.queries]
+    asked_by = [u.user_id for u in eval_users for q in u.queries]
     bar = tqdm(total=len(eval_users) * len(cfg.methods), desc=f"{task.id} users x methods", disable=not progress)
     for user in eval_users:
         for name in cfg.methods:
@@ -238,7 +256,7 @@ def run_bench(cfg: BenchConfig, bank_users: list[User], eval_users: list[User], 
             cost[name]["train"] += time.perf_counter() - start
             start = time.perf_counter()
             prompts = [query_prompt(task, q.input, user.profile, cfg.num_retrieved if method.history else 0) for q in user.queries]
-            outputs = generate(model, tokenizer, prompts, task.max_new_tokens)
+            outputs = generate(model, tokenizer, prompts, task.max_new_tokens, cfg.decoding)
             cost[name]["infer"] += time.perf_counter() - start
             cost[name]["bytes"] += size
             preds[name] += [{"id": q.id, "output": o} for q, o in zip(user.queries, outputs)]
@@ -256,8 +274,9 @@ def run_bench(cfg: BenchConfig, bank_users: list[User], eval_users: list[User], 
     fusion_cfg = (cfg.fusion if "mta" in cfg.methods else cfg.merge_only if "merge-only" in cfg.methods
                   else FusionConfig(merge="recipe"))
     results = {
-        "task": task.id, "main_metric": task.main_metric, "n_eval_users": n, "n_bank_users": len(bank_users),
-        "methods": methods, "mta_versus": {name: versus(task, answers["mta"], answers[name], golds)
+        "task": task.id, "main_metric": task.main_metric, "n_eval_users": n, "n_eval_answers": len(golds),
+        "n_bank_users": len(bank_users),
+        "methods": methods, "mta_versus": {name: versus(task, answers["mta"], answers[name], golds, asked_by)
                                            for name in cfg.methods if name != "mta"} if "mta" in answers else {},
         "fusion_ms_per_user": _fusion_ms(bank, run, eval_users, fusion_cfg) if bank else None,
         "bank_build_seconds": bank_seconds,
@@ -272,17 +291,24 @@ def run_bench(cfg: BenchConfig, bank_users: list[User], eval_users: list[User], 
     return results
 
 
-def versus(task: Task, ours: list[str], theirs: list[str], golds: list[str], resamples: int = 2000, seed: int = 0) -> dict:
-    """Our main metric minus theirs, with a 95 % paired bootstrap interval over the eval queries.
+def versus(task: Task, ours: list[str], theirs: list[str], golds: list[str], users: list[str] | None = None,
+           resamples: int = 2000, seed: int = 0) -> dict:
+    """Our main metric minus theirs, with a 95 % paired bootstrap interval over the eval users.
 
     With a few dozen eval users one answer moves accuracy by several points; the interval says whether a
     difference is more than that. Every main metric (accuracy, MAE, ROUGE-1) is a mean over queries, so
-    the per-query differences are what is resampled.
+    the per-query differences are what is resampled, a user's together (`users`: each query's user; by
+    default each query its own): one user's answers come from one adapter and are not independent.
     """
     main = task.main_metric
     per_query = np.array([task.evaluate([a], [g])[main] - task.evaluate([b], [g])[main] for a, b, g in zip(ours, theirs, golds)])
-    ci = bootstrap((per_query,), np.mean, n_resamples=resamples, method="percentile",
-                   rng=np.random.default_rng(seed)).confidence_interval
+    users = list(range(len(golds))) if users is None else users
+    keys = {u: i for i, u in enumerate(dict.fromkeys(users))}
+    sums, counts = np.zeros(len(keys)), np.zeros(len(keys))
+    np.add.at(sums, [keys[u] for u in users], per_query)
+    np.add.at(counts, [keys[u] for u in users], 1)
+    ci = bootstrap((sums, counts), lambda s, c, axis=-1: s.sum(axis) / c.sum(axis), paired=True, vectorized=True,
+                   n_resamples=resamples, method="percentile", rng=np.random.default_rng(seed)).confidence_interval
     return {"diff": float(per_query.mean()), "ci95": [float(ci.low), float(ci.high)]}
 
 
@@ -293,7 +319,9 @@ def results_markdown(results: dict) -> str:
     metrics = [k for k in next(iter(methods.values())) if not k.endswith("_per_user")]
     main, versus_ = results["main_metric"], results.get("mta_versus", {})
     head = ["method", *metrics, "train s/user", "infer s/user", "bytes/user"] + ([f"mta − it, {main} [95% CI]"] if versus_ else [])
-    lines = [f"## {results['task']}: {results['n_eval_users']} eval users, {results['n_bank_users']} bank users", "",
+    answers = results.get("n_eval_answers", results["n_eval_users"])
+    more = f" ({answers} answers)" if answers != results["n_eval_users"] else ""
+    lines = [f"## {results['task']}: {results['n_eval_users']} eval users{more}, {results['n_bank_users']} bank users", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in methods.items():
         cells = [name, *(f"{m[k]:.4f}" for k in metrics), f"{m['train_seconds_per_user']:.2f}",

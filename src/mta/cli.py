@@ -90,6 +90,18 @@ def _fusion_config(a, task_id: str, field: str = "fusion"):
                   merge=a.merge, rank=getattr(a, "svd_rank", None), scale=a.fusion_scale)
 
 
+def _decoding_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-repeat-ngram", type=int, metavar="N",
+                   help=f"no N tokens in a row twice in an output; 0: off (default 0, {TUNED})")
+
+
+def _decoding(a, task_id: str):
+    from mta.generation import Decoding
+    from mta.presets import preset
+
+    return _given(preset(Decoding(), task_id, "decoding"), no_repeat_ngram=a.no_repeat_ngram)
+
+
 def _stack_args(p: argparse.ArgumentParser) -> None:
     """Stacked-LoRA flags; unset ones keep StackConfig's defaults or the task's tuned ones."""
     from mta.stacking import StackConfig
@@ -208,7 +220,7 @@ def cmd_generate(a) -> None:
             raise MTAError("--input answers for one user: pass a single user folder")
         model, record = load_personalized(bank, folders[0], model)
         prompt = query_prompt(task, a.input, load_profile(folders[0]), a.retrieve)
-        print(generate(model, tok, [prompt], a.max_new_tokens or task.max_new_tokens)[0])
+        print(generate(model, tok, [prompt], a.max_new_tokens or task.max_new_tokens, _decoding(a, task.id))[0])
         return
     if not (a.data and a.out):
         raise MTAError("pass --input TEXT, or --data FILE and --out FILE for batch mode")
@@ -220,7 +232,7 @@ def cmd_generate(a) -> None:
             raise MTAError(f"user {record.user_id!r} ({folder}) is not in {a.data}")
         queries, profile = users[record.user_id].queries, load_profile(folder)
         prompts = [query_prompt(task, q.input, profile, a.retrieve) for q in queries]
-        outs = generate(model, tok, prompts, a.max_new_tokens or task.max_new_tokens)
+        outs = generate(model, tok, prompts, a.max_new_tokens or task.max_new_tokens, _decoding(a, task.id))
         golds += [{"id": q.id, "output": o} for q, o in zip(queries, outs)]
     atomic_write_json(a.out, {"task": task.id, "golds": golds})
     print(f"wrote {len(golds)} predictions to {a.out}")
@@ -262,6 +274,7 @@ def _bench_config(a, task_id: str):
     d = preset(BenchConfig(task_id), task_id)
     mp = a.mixed_precision
     return _given(d, base_model=a.model, embedding_model=a.embedder, methods=a.methods, limit_users=a.limit_users,
+                  eval_holdout=a.eval_holdout, decoding=_decoding(a, task_id),
                   anchors=_given(d.anchors, num_clusters=a.num_clusters, mode=a.anchor_mode),
                   bank_train=_given(d.bank_train, epochs=a.bank_epochs, learning_rate=a.bank_lr, mixed_precision=mp),
                   user_lora_train=_given(d.user_lora_train, epochs=a.lora_epochs, learning_rate=a.lora_lr, mixed_precision=mp),
@@ -298,6 +311,7 @@ def cmd_serve(a) -> None:
     bank = Bank.load(a.bank)
     model, tok = load_base(bank.manifest["base_model"], a.device, a.dtype)
     cfg = ServeConfig(fusion=_fusion_config(a, bank.task.id), stack=_stack_config(a, bank.task.id),
+                      decoding=_decoding(a, bank.task.id),
                       max_batch=a.max_batch, max_queue=a.max_queue, max_wait_ms=a.max_wait_ms, max_new_tokens=a.max_new_tokens)
     with UserStore(a.store) as store:
         app = create_app(bank, store, model, tok, load_embedder(bank.manifest["embedding_model"]), cfg)
@@ -373,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data")
     g.add_argument("--out")
     g.add_argument("--max-new-tokens", type=int, default=None)
+    _decoding_args(g)
     g.add_argument("--retrieve", type=int, default=1)
     _model_args(g)
     g.set_defaults(fn=cmd_generate)
@@ -403,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True)
     r.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     r.add_argument("--limit-users", type=int, default=None, help="quick check: at most N bank users and N eval users")
+    r.add_argument("--eval-holdout", type=int, metavar="N", help="also score each eval user on their last N profile items, "
+                   f"removed from their profile first: N more answers per user (default {c.eval_holdout}: the query alone)")
     r.add_argument("--reuse-bank", default=None, help="a finished bank folder (e.g. an earlier run's OUT/bank) instead of building one")
     r.add_argument("--model", default=c.base_model)
     r.add_argument("--embedder", default=c.embedding_model)
@@ -416,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_stack_args(r, "stack", c.stack, "mta")
     _bench_stack_args(r, "stack_only", c.stack_only, "stack-only baseline")
     _bench_stack_args(r, "recipe_stack", c.recipe_stack, "recipe baseline")
+    _decoding_args(r)  # every method alike
     _model_args(r)
     _precision_args(r)
     r.set_defaults(fn=cmd_bench)
@@ -430,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond this get 503")
     v.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
     v.add_argument("--max-new-tokens", type=int, default=128, help="ceiling on a request's max_new_tokens")
+    _decoding_args(v)
     v.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     v.add_argument("--log-level", default="info")
     _model_args(v)

@@ -13,7 +13,7 @@ from pathlib import Path
 from mta.bank import BankConfig, build_bank
 from mta.data.lamp import User, load_users
 from mta.data.synthetic import make_movie_tagging
-from mta.generation import generate
+from mta.generation import Decoding, generate
 from mta.models import DEFAULT_EMBEDDER, load_base, load_embedder
 from mta.presets import preset
 from mta.stacking import PersonalizeConfig, base_of, personalize, save_user
@@ -50,15 +50,16 @@ def run_demo(out: Path, model_name: str, num_eval_users: int = 4, device: str | 
     cfg = preset(BankConfig(task=task.id, base_model=model_name), task.id)
     print(f"stage 1: building the Meta-LoRA bank ({cfg.anchors.num_clusters} anchors, each trained on its cluster's pooled histories)")
     bank = build_bank(bank_users, out / "bank", cfg, model, tok, embedder)
+    decoding = preset(Decoding(), task.id, "decoding")
     rows, base_preds, mta_preds, golds = [], [], [], []
     for user in eval_users:
         prompts = [query_prompt(task, q.input, user.profile) for q in user.queries]
         model = base_of(model)
-        before = generate(model, tok, prompts, task.max_new_tokens)
+        before = generate(model, tok, prompts, task.max_new_tokens, decoding)
         print(f"stages 2+3: personalizing user {user.user_id}")
         model, record = personalize(bank, user, preset(PersonalizeConfig(), task.id), model, tok, embedder)
         size = save_user(out / "users" / user.user_id, model, record, user.profile)
-        after = generate(model, tok, prompts, task.max_new_tokens)
+        after = generate(model, tok, prompts, task.max_new_tokens, decoding)
         for q, b, a in zip(user.queries, before, after):
             rows.append((user.user_id, q.gold, b, a, ", ".join(f"{i}:{w:.2f}" for i, w in zip(record.fusion.anchor_ids, record.fusion.weights)), size))
         base_preds += before

@@ -25,6 +25,8 @@ TASK_PRESETS: dict[str, dict] = {
         # its per-user LoRA did best at 2 epochs, which left MTA 1/3 of that: one epoch on the top 8 layers, a
         # rank-1 LoRA on their MLP (the default model's module names) rather than on q/v, over half the fused adapter
         "fusion": {"scale": 0.5},
+        # every method's decoding: nearer the base model some headlines looped ("X: X: X: ...")
+        "decoding": {"no_repeat_ngram": 3},
         "stack": {"train": {"epochs": 1.0, "learning_rate": 1e-2}, "rank": 1,
                   "target_modules": ["gate_proj", "up_proj", "down_proj"]},
         "stack_only": {"train": {"learning_rate": 3e-3}},

@@ -6,7 +6,7 @@ import torch
 from conftest import logits
 from mta.adapters import LoraWeights
 from mta.fusion import plan_fusion
-from mta.generation import generate
+from mta.generation import Decoding, generate
 from mta.models import load_base
 from mta.serve.batched import LRUCache, PerRowLora, Row, generate_rows
 from mta.stacking import UserRecord, load_personalized, save_user, user_adapters, with_adapters
@@ -109,6 +109,22 @@ def test_rows_without_adapters_are_the_base_model(tiny_model_dir):
     ref = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id,
                          eos_token_id=None)[0, len(prompt):].tolist()
     assert out.tokens == ref and not out.stopped
+
+
+def _repeats(tokens: list[int], n: int) -> bool:
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+def test_no_repeat_rule_is_the_same_in_both_decoders(tiny_model_dir):
+    model, tok = load_base(str(tiny_model_dir), device="cpu")
+    rows = [Row(prompt_ids(tok, x), None, 16) for x in INPUTS]
+    plain = generate_rows(PerRowLora(model), rows, tok.pad_token_id, tok.eos_token_id)
+    assert any(_repeats(o.tokens, 2) for o in plain), "the random model should loop, or the rule has nothing to do"
+    outs = generate_rows(PerRowLora(model), rows, tok.pad_token_id, tok.eos_token_id, Decoding(no_repeat_ngram=2))
+    assert not any(_repeats(o.tokens, 2) for o in outs)
+    texts = generate(model, tok, INPUTS, 16, Decoding(no_repeat_ngram=2))
+    assert texts == [tok.decode(o.tokens, skip_special_tokens=True).strip() for o in outs]
 
 
 def test_lru_cache_counts_and_evicts():

@@ -33,6 +33,7 @@ from mta.bank import Bank
 from mta.data.lamp import USER_ID_PATTERN, User
 from mta.embedding import profile_embedding
 from mta.fusion import FusionConfig, plan_fusion
+from mta.generation import Decoding
 from mta.io import MTAError
 from mta.serve.batched import LRUCache, PerRowLora, Row, RowOutput, generate_rows
 from mta.serve.store import StoredUser, UserStore
@@ -46,6 +47,7 @@ class ServeConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     stack: StackConfig = field(default_factory=StackConfig)
     num_retrieved: int | None = None  # history items retrieved into each prompt; None: the bank's setting
+    decoding: Decoding = field(default_factory=Decoding)
     max_batch: int = 8
     max_queue: int = 64  # rows waiting beyond this answer 503
     max_wait_ms: float = 5.0  # how long a lone row waits for company before running
@@ -295,7 +297,7 @@ class Server:
 
     def _run_batch(self, rows: list[Row]) -> list[tuple[str, RowOutput]]:
         start = time.perf_counter()
-        outs = generate_rows(self.lora, rows, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
+        outs = generate_rows(self.lora, rows, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, self.cfg.decoding)
         self.metrics.observe_batch(len(rows), sum(len(o.tokens) for o in outs), time.perf_counter() - start)
         return [(self.tokenizer.decode(o.tokens, skip_special_tokens=True).strip(), o) for o in outs]
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from mta.adapters import LoraWeights, check_fits
+from mta.generation import Decoding
 
 Factors = dict[str, tuple[Tensor, Tensor]]  # module path → (Aᵀ [in, r], Bᵀ [r, out]), in the model's dtype and device
 T = TypeVar("T")
@@ -125,11 +126,13 @@ class RowOutput:
 
 
 @torch.no_grad()
-def generate_rows(lora: PerRowLora, rows: list[Row], pad_token_id: int, eos_token_id: int | None) -> list[RowOutput]:
+def generate_rows(lora: PerRowLora, rows: list[Row], pad_token_id: int, eos_token_id: int | None,
+                  decoding: Decoding = Decoding()) -> list[RowOutput]:
     """Greedy decoding of a batch of rows with a KV cache; left padding, so every row ends where generation starts.
 
     Position ids count real tokens only, so a padded row computes what it would alone. Rows that are done
     keep feeding padding until the last row finishes. `eos_token_id=None` never stops early (benchmarks).
+    `decoding` applies as in `mta.generation.generate`.
     """
     model, n = lora.model, len(rows)
     width = max(len(r.prompt) for r in rows)
@@ -142,13 +145,18 @@ def generate_rows(lora: PerRowLora, rows: list[Row], pad_token_id: int, eos_toke
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     outputs = [RowOutput([], False) for _ in rows]
     done = [r.max_new_tokens <= 0 for r in rows]
+    rules = decoding.rules(0)
+    generated = torch.empty((n, 0), dtype=torch.long, device=lora.device)  # every row starts together: one column a step
     cache = None
     with lora.rows([r.adapter for r in rows]):
         while not all(done):
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
                         logits_to_keep=1)
             cache = out.past_key_values
-            nxt = out.logits[:, -1].argmax(-1).tolist()
+            scores = out.logits[:, -1]
+            for rule in rules:
+                scores = rule(generated, scores)
+            nxt = scores.argmax(-1).tolist()
             for i, tok in enumerate(nxt):
                 if done[i]:
                     nxt[i] = pad_token_id
@@ -158,6 +166,7 @@ def generate_rows(lora: PerRowLora, rows: list[Row], pad_token_id: int, eos_toke
                     outputs[i].tokens.append(tok)
                     done[i] = len(outputs[i].tokens) >= rows[i].max_new_tokens
             ids = torch.tensor(nxt, device=lora.device)[:, None]
+            generated = torch.cat([generated, ids], 1)
             mask = torch.cat([mask, mask.new_ones(n, 1)], 1)
             positions = positions[:, -1:] + 1
     return outputs
