@@ -332,7 +332,7 @@ def results_markdown(results: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Main metric: {main} ({'lower' if main in LOWER_IS_BETTER else 'higher'} is better)."]
     if versus_:
-        lines.append("mta − it: mta's main metric minus that method's, with a 95 % paired bootstrap interval over eval queries.")
+        lines.append("mta − it: mta's main metric minus that method's, with a 95 % paired bootstrap interval over the eval users (a user's answers resampled together).")
     if results["fusion_ms_per_user"] is not None:
         lines.append(f"Fusion (plan + merge): {results['fusion_ms_per_user']:.1f} ms per user.")
     if results["bank_build_seconds"] is not None:
