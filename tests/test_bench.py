@@ -161,6 +161,8 @@ def test_hold_out_items_scores_the_last_profile_items(movie_data, run, tmp_path,
     assert hold_out_items(task, [user], 0) == [user]
     with pytest.raises(MTAError, match="must keep at least one"):
         hold_out_items(task, [user], len(user.profile))
+    with pytest.raises(MTAError, match="give 0 or more"):
+        hold_out_items(task, [user], -1)
     out = tmp_path / "holdout"
     assert main(["bench", "--task", "LaMP-2", "--bank-users", str(run / "bank_users.json"), "--eval-users",
                  str(run / "eval_users.json"), "--out", str(out), "--model", str(tiny_model_dir), "--methods", "base", "mta",

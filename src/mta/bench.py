@@ -162,9 +162,11 @@ def split_users(users: list[User], eval_fraction: float, seed: int) -> tuple[lis
 def hold_out_items(task: Task, users: list[User], n: int) -> list[User]:
     """Each user's last `n` profile items become queries too, and leave the profile: n more scored answers per
     personalization at the same training cost, where one query per user leaves a comparison mostly noise."""
+    if n < 0:
+        raise MTAError(f"cannot hold out {n} profile items: give 0 or more")
     if n == 0:
         return users
-    if n < 0 or any(len(u.profile) <= n for u in users):
+    if any(len(u.profile) <= n for u in users):
         raise MTAError(f"cannot hold out {n} profile items: every user must keep at least one (smallest profile: "
                        f"{min(len(u.profile) for u in users)} items)")
     return [User(u.user_id, u.profile[:-n], [Query(f"{u.user_id}-p{j}", *map(str, task.item_pair(item)))
@@ -319,7 +321,7 @@ def results_markdown(results: dict) -> str:
     metrics = [k for k in next(iter(methods.values())) if not k.endswith("_per_user")]
     main, versus_ = results["main_metric"], results.get("mta_versus", {})
     head = ["method", *metrics, "train s/user", "infer s/user", "bytes/user"] + ([f"mta − it, {main} [95% CI]"] if versus_ else [])
-    answers = results.get("n_eval_answers", results["n_eval_users"])
+    answers = results["n_eval_answers"]
     more = f" ({answers} answers)" if answers != results["n_eval_users"] else ""
     lines = [f"## {results['task']}: {results['n_eval_users']} eval users{more}, {results['n_bank_users']} bank users", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
