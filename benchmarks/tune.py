@@ -9,7 +9,10 @@ Stages run in order (coordinate descent); each stage starts from the winners of 
 (a stage not run now contributes the winner saved in the report). A winner is the trial with the best
 mean, over both tasks, of its main metric divided by that task's best in the stage; in a per-task stage
 (PER_TASK) each task takes its own best. Ties go to the earlier trial, the cheaper or pre-tuning setting.
-Trials are resumable: a finished trial with the same settings (those its method uses) is read back, not rerun.
+The folded stages (FOLDED, cv-*) score each trial on all of a task's bank users instead: in folds of the same
+size, each fold personalized from a tuning bank of the other bank users (fold 0 is the tuning users above).
+Trials are resumable: a finished trial with the same settings (those its method uses) on the same tuning users is
+read back, not rerun.
 
 Usage: python benchmarks/tune.py [--out runs/tune] [--stages STAGE ...] [--cached-only]
 Writes benchmarks/results/tuning.{json,md}.
@@ -204,22 +207,44 @@ STAGES: dict[str, tuple[str | tuple[str, ...], list[tuple[str, Override]]]] = {
     # recipe wrote some LaMP-4 headlines as loops ("The Unyielding Ken Barringer: The Unyielding Ken Barringer: ...")
     "task-decoding": (tuple(METHODS), [("off", lambda c: c), ("no-repeat-3", _no_repeat(3)),
                                        ("no-repeat-4", _no_repeat(4))]),
+    # On 24 answers a choice is often a coin flip (a ROUGE-1 sd of ~0.11 per answer), and on LaMP-4's held-out users
+    # several did not carry over. These stages (FOLDED) score each trial on all 40 of LaMP-4's bank users: 5 folds of
+    # 8, each fold personalized from a bank of the other 32 (120 answers). The per-user LoRA first: the time reference.
+    "cv-per-user-lora": ("per-user-lora", [("ep2-lr2e-3", lambda c: c), ("ep3-lr2e-3", _lora(3, 2e-3))]),
+    "cv-mta": ("mta", [("s0.5-lr1e-2", lambda c: c), ("s1-lr5e-3", _scale(1.0, 0.5)), ("s1-lr1e-2", _scale(1.0)),
+                       ("s0.5-lr2e-2", _scale(0.5, 2.0)), ("s0.5-qv-r2", _modules(["q_proj", "v_proj"], 2))]),
+    # the per-user LoRA's 3 epochs left mta a budget of ~2.6 s: room for a second epoch; and half strength beat full
+    "cv-mta-steps": ("mta", [("ep1", lambda c: c), ("ep2", _top_layers(8, 2)), ("ep2-lr5e-3", _top_layers(8, 2, 5e-3)),
+                             ("s0.25", _scale(0.25))]),
+    "cv-merge-only": ("merge-only", [("s1", lambda c: c), ("s0.5", _merge_only_scale(0.5))]),
+    "cv-recipe": ("recipe", [("lr1e-2", lambda c: c), ("lr2e-2", _top_layers(8, 2, 2e-2, "recipe_stack")),
+                             ("lr5e-3", _top_layers(8, 2, 5e-3, "recipe_stack"))]),
+    "cv-stack-only": ("stack-only", [("lr3e-3", lambda c: c), ("lr1e-2", _stack("stack_only", 2, 3, 1e-2))]),
 }
 
 
-def tuning_users(task_id: str, data: Path, eval_fraction: float, n: int, holdout: int,
-                 seed: int = 0) -> tuple[list[User], list[User]]:
-    """(tuning-bank users, tuning users): both from the benchmark's bank users, never its eval users."""
+def tuning_folds(task_id: str, data: Path, eval_fraction: float, n: int, holdout: int,
+                 seed: int = 0) -> list[tuple[list[User], list[User]]]:
+    """[(tuning-bank users, tuning users)] per fold: n tuning users each, all from the benchmark's bank users (never
+    its eval users), the rest of them the fold's bank. Fold 0 holds the tuning users of every stage; the folded
+    stages use all len(bank users) // n folds."""
     task = get_task(task_id)
     bank_users, _ = split_users(load_users(data, task), eval_fraction, seed)
-    picked = set(random.Random(seed + 1).sample(range(len(bank_users)), n))
-    tune = hold_out_items(task, [u for i, u in enumerate(bank_users) if i in picked], holdout)
-    return [u for i, u in enumerate(bank_users) if i not in picked], tune
+    order = random.Random(seed + 1).sample(range(len(bank_users)), len(bank_users))  # its first n: fold 0, as before
+    folds = []
+    for f in range(len(bank_users) // n):
+        picked = set(order[f * n:(f + 1) * n])
+        tune = hold_out_items(task, [u for i, u in enumerate(bank_users) if i in picked], holdout)
+        folds.append(([u for i, u in enumerate(bank_users) if i not in picked], tune))
+    return folds
 
 
-BUDGETED = {"mta-cached", "mta-bf16", "task-mta", "task-mta-modules"}
+BUDGETED = {"mta-cached", "mta-bf16", "task-mta", "task-mta-modules", "cv-mta", "cv-mta-steps"}
+# stage: the tasks it runs on, over all their folds
+FOLDED = {s: ("LaMP-4",) for s in ["cv-per-user-lora", "cv-mta", "cv-mta-steps", "cv-merge-only", "cv-recipe",
+                                   "cv-stack-only"]}
 PER_TASK = {"task-per-user-lora", "task-stack-only", "task-mta", "task-recipe", "task-bank", "task-mta-modules",
-            "task-anchors", "task-fusion-scale", "task-merge-only-scale", "task-decoding"}
+            "task-anchors", "task-fusion-scale", "task-merge-only-scale", "task-decoding", *FOLDED}
 
 
 # the settings that shape a trained adapter, and those each method's result depends on: a later stage may change
@@ -249,15 +274,23 @@ def _plain(cfg: BenchConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
+FRESH: set[Path] = set()  # results this process wrote: timed by this code
+
+
 def run_trial(cfg: BenchConfig, method: str, bank_users: list[User], tune_users: list[User], out: Path,
               banks: Path, cached_only: bool = False, timed: bool = False) -> dict:
-    """`timed`: reuse only this trial's own result, not an equal one run earlier (perhaps by slower code)."""
+    """`timed`: reuse only this trial's own result, or one this process ran, not an equal one run earlier (perhaps by
+    slower code). A result is reused only for the same settings on the same tuning users."""
     cfg = replace(cfg, methods=[method])
     settings = {k: v for k, v in _plain(cfg).items() if k not in UNUSED[method]}
     default = _plain(BenchConfig(cfg.task, methods=[method]))
-    others = [] if timed else sorted(out.parent.parent.glob("*/*/results.json"))
+    users = [u.user_id for u in tune_users]
+    others = sorted(FRESH) if timed else sorted(banks.parent.rglob("results.json"))  # any stage's, this task's
     for done in [out / "results.json", *others]:  # the same trial, run before
-        if done.exists() and _same((r := json.loads(done.read_text()))["config"]["bench"], settings, default):
+        if (done.exists() and (r := json.loads(done.read_text()))["config"]["split"]["eval_user_ids"] == users
+                and _same(r["config"]["bench"], settings, default)):
+            if timed and done != out / "results.json":  # kept as this trial's own: --cached-only finds it later
+                atomic_write_json(out / "results.json", r)
             return r
     if cached_only:
         raise SystemExit(f"{out}: not run yet (--cached-only)")
@@ -268,13 +301,29 @@ def run_trial(cfg: BenchConfig, method: str, bank_users: list[User], tune_users:
     if bank_dir is not None and not (bank_dir / "manifest.json").exists():
         model, tokenizer = load_base(cfg.base_model)
         build_bank(bank_users, bank_dir, cfg.bank_config(), model, tokenizer, load_embedder(cfg.embedding_model))
+    FRESH.add(out / "results.json")
     return run_bench(cfg, bank_users, tune_users, out, bank_dir, {"tuning": True}, progress=False)
 
 
-def _fold(cfgs: dict[str, BenchConfig], trials: list[tuple[str, Override]], stage: dict) -> dict[str, BenchConfig]:
-    """Each task's settings with the stage's winner for it (one shared winner, or one per task) applied."""
+def pooled(results: list[dict], method: str, folds: list[tuple[list[User], list[User]]]) -> dict:
+    """One score over the folds' results: the main metric over all their answers, train time over all their users
+    (one fold's result: all its figures)."""
+    if len(results) == 1:
+        r = results[0]
+        return {**r["methods"][method], "main": r["methods"][method][r["main_metric"]]}
+    answers, users = [sum(len(u.queries) for u in tune) for _, tune in folds], [len(tune) for _, tune in folds]
+    main = sum(r["methods"][method][r["main_metric"]] * n for r, n in zip(results, answers)) / sum(answers)
+    train = sum(r["methods"][method]["train_seconds_per_user"] * n for r, n in zip(results, users)) / sum(users)
+    return {"main": main, "train_seconds_per_user": train, "n_eval_answers": sum(answers),
+            "folds": [r["methods"][method][r["main_metric"]] for r in results]}
+
+
+def _apply_winner(cfgs: dict[str, BenchConfig], trials: list[tuple[str, Override]], stage: dict) -> dict[str, BenchConfig]:
+    """Each task's settings with the stage's winner for it (one shared winner, or one per task it ran on) applied."""
     w = stage["winner"]
-    return {t: dict(trials)[w[t] if isinstance(w, dict) else w](c) for t, c in cfgs.items()}
+    if not isinstance(w, dict):
+        w = {t: w for t in cfgs}
+    return {t: dict(trials)[w[t]](c) if t in w else c for t, c in cfgs.items()}
 
 
 def main() -> None:
@@ -287,31 +336,35 @@ def main() -> None:
     a = p.parse_args()
     out, report_json = Path(a.out), Path(a.report + ".json")
     saved = json.loads(report_json.read_text())["stages"] if report_json.exists() else {}
-    splits = {t: tuning_users(t, f, frac, n, a.holdout) for t, f, frac, n in TASKS}
-    cfgs = {t: before_tuning(t) for t, *_ in TASKS}  # each stage's winner is folded in before the next stage
-    report: dict = {"holdout": a.holdout, "tuning_users": {t: [u.user_id for u in s[1]] for t, s in splits.items()},
-                    "stages": {}}
+    folds = {t: tuning_folds(t, f, frac, n, a.holdout) for t, f, frac, n in TASKS}
+    cfgs = {t: before_tuning(t) for t, *_ in TASKS}  # each stage's winner is applied before the next stage
+    report: dict = {"holdout": a.holdout, "tuning_users": {t: [u.user_id for u in f[0][1]] for t, f in folds.items()},
+                    "folds": {t: [[u.user_id for u in tune] for _, tune in f] for t, f in folds.items()}, "stages": {}}
     for stage, (method, trials) in STAGES.items():
         if stage not in a.stages:
             if stage in saved:  # not rerun: its saved winner still shapes the stages after it
                 report["stages"][stage] = saved[stage]
-                cfgs = _fold(cfgs, trials, saved[stage])
+                cfgs = _apply_winner(cfgs, trials, saved[stage])
             continue
         scores: dict[str, dict[str, dict]] = {}
         timed = stage in BUDGETED
         if timed:  # the reference: the per-user LoRA's current setting, timed by the same code
             trials = [("_per-user-lora", lambda c: c), *trials]
+        used = ({t: f for t, f in folds.items() if t in FOLDED[stage]} if stage in FOLDED
+                else {t: f[:1] for t, f in folds.items()})
         for name, override in trials:
-            for task, (bank_users, tune_users) in splits.items():
+            for task, task_folds in used.items():
                 cfg = override(cfgs[task])
                 by = ["per-user-lora"] if name == "_per-user-lora" else [method] if isinstance(method, str) else method
                 per_method = {}
                 for m in by:
                     start = time.perf_counter()
                     folder = out / task / stage / (name if len(by) == 1 else f"{name}-{m}")
-                    r = run_trial(cfg, m, bank_users, tune_users, folder, out / task / "banks", a.cached_only, timed)
-                    per_method[m] = {**r["methods"][m], "main": r["methods"][m][r["main_metric"]]}
-                    print(f"[{stage}] {task} {name} {m}: {r['main_metric']}={per_method[m]['main']:.4f} train "
+                    results = [run_trial(cfg, m, bank_users, tune_users, folder / f"fold{f}" if stage in FOLDED else folder,
+                                         out / task / ("banks" if f == 0 else f"banks-fold{f}"), a.cached_only, timed)
+                               for f, (bank_users, tune_users) in enumerate(task_folds)]
+                    per_method[m] = pooled(results, m, task_folds)
+                    print(f"[{stage}] {task} {name} {m}: {results[0]['main_metric']}={per_method[m]['main']:.4f} train "
                           f"{per_method[m]['train_seconds_per_user']:.1f} s/user ({time.perf_counter() - start:.0f} s)", flush=True)
                 if len(by) == 1:
                     scores.setdefault(name, {})[task] = per_method[by[0]]
@@ -321,34 +374,45 @@ def main() -> None:
                         "train_seconds_per_user": sum(v["train_seconds_per_user"] for v in per_method.values()),
                         "methods": {m: v["main"] for m, v in per_method.items()}}
         reference = scores.pop("_per-user-lora", None)
-        best_of = {t: max(s[t]["main"] for s in scores.values()) or 1.0 for t in splits}
-        combined = {n: sum(s[t]["main"] / best_of[t] for t in splits) / len(splits) for n, s in scores.items()}
+        best_of = {t: max(s[t]["main"] for s in scores.values()) or 1.0 for t in used}
+        combined = {n: sum(s[t]["main"] / best_of[t] for t in used) / len(used) for n, s in scores.items()}
         within = {n: {t: reference is None or s[t]["train_seconds_per_user"] <= reference[t]["train_seconds_per_user"] / 3
-                      for t in splits} for n, s in scores.items()}
+                      for t in used} for n, s in scores.items()}
         rank = list(combined).index
         if stage in PER_TASK:
-            winner = {t: max(scores, key=lambda n: (within[n][t], scores[n][t]["main"], -rank(n))) for t in splits}
+            winner = {t: max(scores, key=lambda n: (within[n][t], scores[n][t]["main"], -rank(n))) for t in used}
         else:
             winner = max(combined, key=lambda n: (all(within[n].values()), combined[n], -rank(n)))
         report["stages"][stage] = {"method": method, "winner": winner, "combined": combined, "trials": scores}
-        cfgs = _fold(cfgs, trials, report["stages"][stage])
+        cfgs = _apply_winner(cfgs, trials, report["stages"][stage])
         if reference is not None:
-            report["stages"][stage].update(budget={t: reference[t]["train_seconds_per_user"] / 3 for t in splits},
+            report["stages"][stage].update(budget={t: reference[t]["train_seconds_per_user"] / 3 for t in used},
                                            within_budget=within)
         print(f"[{stage}] winner: {winner}", flush=True)
-        report["settings"] = {t: dataclasses.asdict(c) for t, c in cfgs.items()}
-        atomic_write_json(report_json, report)
-        atomic_write_bytes(Path(a.report + ".md"), markdown(report).encode())
+        _write(report, cfgs, a.report)
+    _write(report, cfgs, a.report)  # the saved stages after the last one run shape the settings too
+
+
+def _write(report: dict, cfgs: dict[str, BenchConfig], path: str) -> None:
+    report["settings"] = {t: dataclasses.asdict(c) for t, c in cfgs.items()}
+    atomic_write_json(Path(path + ".json"), report)
+    atomic_write_bytes(Path(path + ".md"), markdown(report).encode())
 
 
 def markdown(report: dict) -> str:
-    tasks = list(report["tuning_users"])
     lines = ["# Tuning sweep (benchmarks/tune.py)", "",
              f"Tuning users (drawn from the benchmark's bank users; eval users never seen): "
              + "; ".join(f"{t}: {len(ids)}" for t, ids in report["tuning_users"].items())
              + f". Each answers its query plus its last {report['holdout']} profile items (removed from its profile).", ""]
+    folded = sorted({t for stage in report["stages"] if stage in FOLDED for t in FOLDED[stage]})
+    if folded:
+        lines += ["The cv-* stages score each trial on all of a task's bank users, in folds (fold 0: the tuning users "
+                  "above), each fold personalized from a bank of the other bank users: "
+                  + "; ".join(f"{t}: {len(report['folds'][t])} folds of {len(report['folds'][t][0])}" for t in folded)
+                  + ".", ""]
     for stage, s in report["stages"].items():
         w = s["winner"]
+        tasks = list(next(iter(s["trials"].values())))
         won = ", ".join(f"{t}: **{n}**" for t, n in w.items()) if isinstance(w, dict) else f"**{w}**"
         by = s["method"] if isinstance(s["method"], str) else "the mean of " + ", ".join(s["method"])
         lines += [f"## {stage} (scored by {by}; winner {won})", "",
@@ -365,6 +429,9 @@ def markdown(report: dict) -> str:
             lines += ["", "| trial | task | " + " | ".join(s["method"]) + " |", "|---|---|" + "---|" * len(s["method"])]
             lines += [f"| {name} | {t} | " + " | ".join(f"{per_task[t]['methods'][m]:.4f}" for m in s["method"]) + " |"
                       for name, per_task in s["trials"].items() for t in tasks]
+        if stage in FOLDED:
+            lines += ["", "Per fold: " + "; ".join(f"{name} " + " / ".join(f"{x:.4f}" for x in per_task[t]["folds"])
+                                                  for name, per_task in s["trials"].items() for t in tasks) + "."]
         if "budget" in s:
             lines.append("\nBudget: 1/3 of the per-user LoRA's train s/user, timed in this stage: "
                          + ", ".join(f"{t} {v:.1f} s" for t, v in s["budget"].items()) + "; (over): over it.")
