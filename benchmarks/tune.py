@@ -213,7 +213,7 @@ STAGES: dict[str, tuple[str | tuple[str, ...], list[tuple[str, Override]]]] = {
     "cv-per-user-lora": ("per-user-lora", [("ep2-lr2e-3", lambda c: c), ("ep3-lr2e-3", _lora(3, 2e-3))]),
     "cv-mta": ("mta", [("s0.5-lr1e-2", lambda c: c), ("s1-lr5e-3", _scale(1.0, 0.5)), ("s1-lr1e-2", _scale(1.0)),
                        ("s0.5-lr2e-2", _scale(0.5, 2.0)), ("s0.5-qv-r2", _modules(["q_proj", "v_proj"], 2))]),
-    # the per-user LoRA's 3 epochs left mta a budget of ~2.6 s: room for a second epoch; and half strength beat full
+    # the per-user LoRA's 3 epochs left mta a budget of 2.6–2.8 s: room for a second epoch; half strength beat full
     "cv-mta-steps": ("mta", [("ep1", lambda c: c), ("ep2", _top_layers(8, 2)), ("ep2-lr5e-3", _top_layers(8, 2, 5e-3)),
                              ("s0.25", _scale(0.25))]),
     "cv-merge-only": ("merge-only", [("s1", lambda c: c), ("s0.5", _merge_only_scale(0.5))]),

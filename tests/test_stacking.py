@@ -143,7 +143,7 @@ def test_with_adapters_rewraps_instead_of_nesting(tiny_model_dir, fused, input_i
 @pytest.mark.parametrize("fusion, stack", [
     (FusionConfig(k=2), StackConfig(rank=2, train=FAST)),
     (FusionConfig(k=2), StackConfig(rank=2, top_layers=1, train=FAST)),
-    (FusionConfig(k=2), StackConfig(rank=1, target_modules=["gate_proj", "up_proj", "down_proj"], top_layers=1, train=FAST)),  # LaMP-4's
+    (FusionConfig(k=2), StackConfig(rank=1, target_modules=["gate_proj", "up_proj", "down_proj"], top_layers=1, train=FAST)),  # on the MLP
     (FusionConfig(k=3, merge="svd", rank=3), None),  # merge-only: no adapter folder
     (FusionConfig(merge="recipe"), StackConfig(rank=1, train=FAST)),
     (None, StackConfig(rank=2, train=FAST)),  # stack-only: no bank needed to load

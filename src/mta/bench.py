@@ -59,7 +59,7 @@ class BenchConfig:
     bank_train: TrainConfig = field(default_factory=anchor_training)
     user_lora_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3.0, learning_rate=2e-3))  # tuned
     fusion: FusionConfig = field(default_factory=FusionConfig)  # mta
-    # merge-only, tuned on its own: a task may start MTA's stack from another fusion (LaMP-4: half strength)
+    # merge-only, tuned on its own: a task may start MTA's stack from another fusion than merge-only's best
     merge_only: FusionConfig = field(default_factory=FusionConfig)
     stack: StackConfig = field(default_factory=StackConfig)  # mta
     # stack-only, tuned on its own: from the base model a rank-2 LoRA needs 3 epochs at 1e-2 (benchmarks/results/tuning.md)

@@ -38,7 +38,7 @@ class StackConfig:
     # Tuned (benchmarks/results/tuning.md): the top 8 of the default model's 30 layers, 2 epochs at 2e-2, the
     # best within 1/3 of the per-user LoRA's training time. Nothing below the top layers trains, so backprop
     # stops there and, after the first pass, training reuses what the bottom layers made of each example.
-    # A task that tuned better on its own has its changes in mta.presets (LaMP-4: rank 1 on the MLP, 1 epoch at 1e-2).
+    # A task that tuned better on its own has its changes in mta.presets (LaMP-4: lr 5e-3).
     top_layers: int | None = 8
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2.0, learning_rate=2e-2))
 
@@ -116,7 +116,8 @@ def with_adapters(base, fused: LoraWeights | None, stacked: LoraWeights | StackC
 
 
 def _check_modules(model, cfg: StackConfig) -> None:
-    """Named modules must exist: LaMP-4's preset names the default model's MLP, which other architectures call otherwise."""
+    """Named modules must exist: a task preset names the default model's (LaMP-4: q_proj, v_proj), which other
+    architectures may call otherwise."""
     if not isinstance(cfg.target_modules, list):
         return
     have = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
