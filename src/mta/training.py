@@ -101,8 +101,9 @@ class _Step:
         return F.cross_entropy(logits.float(), targets)
 
     def _logits(self, keep: torch.Tensor, **inputs) -> torch.Tensor:
-        if self.slice_logits:
-            return self.model(**inputs, logits_to_keep=keep).logits
+        if self.slice_logits:  # the rows' target positions together: a 1-D index, which every transformers 5 takes
+            cols = keep.any(0).nonzero().squeeze(1)
+            return self.model(**inputs, logits_to_keep=cols).logits[keep[:, cols]]
         return self.model(**inputs).logits[keep]
 
     def _forward(self, batch, rows, keep) -> torch.Tensor:
