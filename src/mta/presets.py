@@ -17,19 +17,12 @@ T = TypeVar("T")
 
 # The per-task stages' winners (benchmarks/results/tuning.md, "task-*").
 TASK_PRESETS: dict[str, dict] = {
-    "LaMP-2": {
-        # its tags are learned from anchors trained like a per-user LoRA; LaMP-4's headlines did worse that way
-        "bank_train": {"epochs": 3.0, "learning_rate": 2e-3},
-    },
     "LaMP-4": {
-        # scored on all 40 bank users in 5 folds (the cv-* stages), not 8: the fused adapter at half strength for
-        # mta and merge-only alike; mta's stack on q/v of the top 8 layers (the default model's names) at a gentler rate
-        "fusion": {"scale": 0.5},
-        "merge_only": {"scale": 0.5},
+        # scored on all 40 bank users in 5 folds (the cv-* stages): over the fused anchors a gentler stack on q/v
+        # of the top 8 layers (the default model's names); a harder one (1e-2, 2e-2) scored lower
         "stack": {"train": {"learning_rate": 5e-3}, "target_modules": ["q_proj", "v_proj"]},
         # every method's decoding: nearer the base model some headlines looped ("X: X: X: ...")
         "decoding": {"no_repeat_ngram": 3},
-        "recipe_stack": {"train": {"learning_rate": 1e-2}},
     },
 }
 
