@@ -34,8 +34,9 @@ def test_results_schema(results):
     assert results["task"] == "LaMP-2" and results["main_metric"] == "accuracy"
     assert (results["n_eval_users"], results["n_bank_users"]) == (3, 9)
     assert set(results["methods"]) == set(METHODS)
+    unseen = {"accuracy_unseen"} if results["n_eval_answers_in_bank"] < results["n_eval_answers"] else set()
     for m in results["methods"].values():
-        assert set(m) == {"accuracy", "f1", "train_seconds_per_user", "infer_seconds_per_user", "bytes_per_user"}
+        assert set(m) == {"accuracy", "f1", "train_seconds_per_user", "infer_seconds_per_user", "bytes_per_user"} | unseen
         assert 0 <= m["accuracy"] <= 1 and m["infer_seconds_per_user"] > 0
     assert results["fusion_ms_per_user"] > 0 and results["bank_build_seconds"] > 0
     assert set(results["mta_versus"]) == set(METHODS) - {"mta"}
@@ -170,6 +171,36 @@ def test_hold_out_items_scores_the_last_profile_items(movie_data, run, tmp_path,
     r = json.loads((out / "results.json").read_text())
     assert (r["n_eval_users"], r["n_eval_answers"]) == (3, 9) and "(9 answers)" in (out / "results.md").read_text()
     assert sum("-p" in p["id"] for p in json.loads((out / "predictions" / "mta.json").read_text())["golds"]) == 6
+
+
+def test_in_bank_histories_flags_answers_whose_item_a_bank_user_holds():
+    task = get_task("LaMP-4")
+    article = "Fighting for Mariupol has continued to be intense, even as the offensive floundered elsewhere."
+    bank = [User("b", [{"text": "An unrelated article about gardening in the spring, with tips.", "title": "t"},
+                       {"text": article + " More text follows here.", "title": "Ukraine Rejects Surrender"}], [])]
+    asks = [Query("e1", f"Generate a headline for the following article: {article}  More   text follows here.", "g"),
+            Query("e2", "Generate a headline for the following article: something else entirely, long enough.", "g")]
+    eval_users = [User("e", [{"text": "short", "title": "x"}], asks)]
+    assert bench.in_bank_histories(task, bank, eval_users) == [True, False]  # whitespace aside, the same article
+    assert bench.in_bank_histories(task, [User("b", [{"text": "short", "title": "t"}], [])], eval_users) == [False, False]
+
+
+def test_unseen_scores_the_answers_no_bank_history_holds(monkeypatch, run, results, tmp_path, tiny_model_dir):
+    eval_users = load_users(run / "eval_users.json", get_task("LaMP-2"))
+    flags = [i % 2 == 0 for i in range(sum(len(u.queries) for u in eval_users))]
+    monkeypatch.setattr(bench, "in_bank_histories", lambda task, b, e: flags)
+    out = tmp_path / "unseen"
+    assert main(["bench", "--task", "LaMP-2", "--bank-users", str(run / "bank_users.json"), "--eval-users",
+                 str(run / "eval_users.json"), "--out", str(out), "--model", str(tiny_model_dir), "--methods", "base", "mta",
+                 "--reuse-bank", str(run / "bank"), *FAST]) == 0
+    r = json.loads((out / "results.json").read_text())
+    golds = [q.gold for u in eval_users for q in u.queries]
+    for name in ("base", "mta"):
+        outputs = [p["output"] for p in json.loads((out / "predictions" / f"{name}.json").read_text())["golds"]]
+        kept = [(o, g) for o, g, f in zip(outputs, golds, flags) if not f]
+        want = sum(o == g for o, g in kept) / len(kept)
+        assert r["methods"][name]["accuracy_unseen"] == pytest.approx(want)
+    assert r["n_eval_answers_in_bank"] == sum(flags) and "accuracy_unseen scores the others" in (out / "results.md").read_text()
 
 
 def test_versus_is_a_paired_bootstrap_of_the_main_metric():

@@ -46,7 +46,7 @@ def test_presets_are_what_tuning_found():
 def lamp4_preset(monkeypatch):
     monkeypatch.setattr(presets, "TASK_PRESETS", {"LaMP-4": {"stack": {"rank": 4, "train": {"learning_rate": 1e-2}},
                                                              "user_lora_train": {"epochs": 2.0},
-                                                             "bank_train": {"epochs": 3.0}}})
+                                                             "bank_train": {"epochs": 5.0}}})
 
 
 def test_preset_changes_only_what_it_lists(lamp4_preset):
@@ -63,7 +63,7 @@ def test_preset_of_other_configs(lamp4_preset):
     p = presets.preset(PersonalizeConfig(), "LaMP-4")  # shares `stack` and `fusion` with BenchConfig, not the rest
     assert p.stack.rank == 4 and p.fusion == PersonalizeConfig().fusion
     b = presets.preset(BankConfig("LaMP-4"), "LaMP-4")  # BenchConfig's bank_train is BankConfig's train
-    assert b.train == presets.preset(BenchConfig("LaMP-4"), "LaMP-4").bank_train and b.train.epochs == 3.0
+    assert b.train == presets.preset(BenchConfig("LaMP-4"), "LaMP-4").bank_train and b.train.epochs == 5.0
     assert b.train.learning_rate == BankConfig("LaMP-4").train.learning_rate and b.anchors == BankConfig("LaMP-4").anchors
 
 
@@ -94,7 +94,7 @@ def test_fusion_preset_is_mtas_merge_only_keeps_its_own(monkeypatch):
 def test_bank_build_flags_over_the_preset(lamp4_preset):
     parse = cli.build_parser().parse_args
     a = parse(["bank", "build", "--task", "LaMP-4", "--data", "d", "--out", "o"])
-    assert cli._bank_config(a, "LaMP-4").train.epochs == 3.0 and cli._bank_config(a, "LaMP-2") == BankConfig("LaMP-2")
+    assert cli._bank_config(a, "LaMP-4").train.epochs == 5.0 and cli._bank_config(a, "LaMP-2") == BankConfig("LaMP-2")
     a = parse(["bank", "build", "--task", "LaMP-4", "--data", "d", "--out", "o", "--epochs", "1", "--num-clusters", "5"])
     c = cli._bank_config(a, "LaMP-4")
     assert (c.train.epochs, c.train.learning_rate, c.anchors.num_clusters) == (1.0, BankConfig("LaMP-4").train.learning_rate, 5)

@@ -1,0 +1,56 @@
+"""How much of a finished `mta bench` run rests on items its bank users' histories hold.
+
+LaMP's users share items (the same movie, the same article), so an anchor may have trained on an eval answer's
+item without ever seeing the eval user. For each run folder this prints, per method, the main metric on all answers,
+on those whose item is in a bank user's history ("in bank") and on the rest ("unseen"), and saves them as
+overlap.json in the folder. Runs made since `mta bench` learned this already hold `<metric>_unseen`; this
+re-scores older ones from their predictions, with the same rule (`mta.bench.in_bank_histories`).
+
+Usage: python benchmarks/overlap.py RUN_DIR [RUN_DIR ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from mta.bench import hold_out_items, in_bank_histories
+from mta.data.lamp import load_users
+from mta.io import atomic_write_json
+from mta.tasks import get_task
+
+
+def overlap(run: Path) -> dict:
+    results = json.loads((run / "results.json").read_text())
+    task = get_task(results["task"])
+    bank_users = load_users(run / "bank_users.json", task)
+    eval_users = hold_out_items(task, load_users(run / "eval_users.json", task), results["config"]["bench"].get("eval_holdout", 0))
+    golds = {q.id: q.gold for u in eval_users for q in u.queries}
+    seen = dict(zip(golds, in_bank_histories(task, bank_users, eval_users)))
+    main = task.main_metric
+    methods = {}
+    for name in results["methods"]:
+        preds = {p["id"]: p["output"] for p in json.loads((run / "predictions" / f"{name}.json").read_text())["golds"]}
+        parts = {"all": list(golds), "in bank": [i for i in golds if seen[i]], "unseen": [i for i in golds if not seen[i]]}
+        methods[name] = {part: task.evaluate([preds[i] for i in ids], [golds[i] for i in ids])[main] if ids else None
+                         for part, ids in parts.items()}
+    report = {"task": task.id, "main_metric": main, "n_answers": len(golds), "n_in_bank": sum(seen.values()),
+              "methods": methods}
+    atomic_write_json(run / "overlap.json", report)
+    return report
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path)
+    for run in p.parse_args().runs:
+        r = overlap(run)
+        print(f"\n{run}: {r['task']}, {r['n_in_bank']} of {r['n_answers']} answers in a bank user's history")
+        print(f"| method | {r['main_metric']} | in bank | unseen |\n|---|---|---|---|")
+        for name, m in r["methods"].items():
+            print(f"| {name} | " + " | ".join("–" if m[k] is None else f"{m[k]:.4f}" for k in ("all", "in bank", "unseen")) + " |")
+
+
+if __name__ == "__main__":
+    main()
