@@ -185,6 +185,22 @@ def test_in_bank_histories_flags_answers_whose_item_a_bank_user_holds():
     assert bench.in_bank_histories(task, [User("b", [{"text": "short", "title": "t"}], [])], eval_users) == [False, False]
 
 
+def test_without_shared_items_drops_the_bank_users_who_hold_an_eval_users_item():
+    task = get_task("LaMP-4")
+    item = lambda text: {"text": text + " " + "words " * 10, "title": "t"}
+    eval_users = [User("e", [item("The eval user's own article")], [Query("e1", "Generate a headline: the asked article " + "words " * 10, "g")])]
+    bank = [User("holds-profile", [item("The eval user's own article")], []), User("holds-query", [item("the asked article")], []),
+            User("clean", [item("Something else altogether")], [])]
+    assert [u.user_id for u in bench.without_shared_items(task, bank, eval_users)] == ["clean"]
+    cfg = bench_config(["bench", "--task", "LaMP-4", "--out", "o", "--bank-without-shared"])
+    assert cfg.bank_without_shared and not bench_config(["bench", "--task", "LaMP-4", "--out", "o"]).bank_without_shared
+
+
+def bench_config(args: list[str]) -> BenchConfig:
+    from mta import cli
+    return cli._bench_config(cli.build_parser().parse_args(args), "LaMP-4")
+
+
 def test_unseen_scores_the_answers_no_bank_history_holds(monkeypatch, run, results, tmp_path, tiny_model_dir):
     eval_users = load_users(run / "eval_users.json", get_task("LaMP-2"))
     flags = [i % 2 == 0 for i in range(sum(len(u.queries) for u in eval_users))]

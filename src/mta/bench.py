@@ -71,6 +71,8 @@ class BenchConfig:
     # more answers per eval user: their last N profile items, removed from their profile first, are scored too
     # (0: the query alone, LaMP's protocol)
     eval_holdout: int = 0
+    # build the bank without the bank users who share an item with an eval user (mta.bench.without_shared_items)
+    bank_without_shared: bool = False
 
     def bank_config(self) -> BankConfig:
         return BankConfig(task=get_task(self.task).id, base_model=self.base_model, embedding_model=self.embedding_model,
@@ -182,9 +184,22 @@ def in_bank_histories(task: Task, bank_users: list[User], eval_users: list[User]
     without these answers say how much of a result rests on them. An item counts when the start of its text (the
     task's first field) appears in the query.
     """
-    field = task.item_fields[0]
-    starts = {t[:200] for u in bank_users for it in u.profile if len(t := " ".join(str(it[field]).split())) >= 40}
+    starts = {k for u in bank_users for it in u.profile if (k := _item_key(task, it))}
     return [any(t in " ".join(q.input.split()) for t in starts) for u in eval_users for q in u.queries]
+
+
+def _item_key(task: Task, item: dict) -> str | None:
+    """The start of an item's text, whitespace normalised; None when too short to identify it."""
+    text = " ".join(str(item[task.item_fields[0]]).split())
+    return text[:200] if len(text) >= 40 else None
+
+
+def without_shared_items(task: Task, bank_users: list[User], eval_users: list[User]) -> list[User]:
+    """The bank users whose histories hold no item of an eval user (in their profile or asked about): a bank that
+    can only help the eval users by what it learned from other items."""
+    profiles = {k for u in eval_users for it in u.profile if (k := _item_key(task, it))}
+    return [b for b in bank_users if not {k for it in b.profile if (k := _item_key(task, it))} & profiles
+            and not any(in_bank_histories(task, [b], eval_users))]
 
 
 def write_users(path: Path, users: list[User]) -> None:
@@ -248,6 +263,10 @@ def run_bench(cfg: BenchConfig, bank_users: list[User], eval_users: list[User], 
     if cfg.limit_users is not None:
         bank_users, eval_users = bank_users[: cfg.limit_users], eval_users[: cfg.limit_users]
     eval_users = hold_out_items(task, eval_users, cfg.eval_holdout)
+    if cfg.bank_without_shared:
+        bank_users = without_shared_items(task, bank_users, eval_users)
+        if not bank_users:
+            raise MTAError("every bank user shares an item with an eval user: no bank is left without them")
     _check_disjoint(bank_users, eval_users, None)
     _check_eval_users(eval_users)
     model, tokenizer = load_base(cfg.base_model, device, dtype)

@@ -274,7 +274,7 @@ def _bench_config(a, task_id: str):
     d = preset(BenchConfig(task_id), task_id)
     mp = a.mixed_precision
     return _given(d, base_model=a.model, embedding_model=a.embedder, methods=a.methods, limit_users=a.limit_users,
-                  eval_holdout=a.eval_holdout, decoding=_decoding(a, task_id),
+                  eval_holdout=a.eval_holdout, bank_without_shared=a.bank_without_shared or None, decoding=_decoding(a, task_id),
                   anchors=_given(d.anchors, num_clusters=a.num_clusters, mode=a.anchor_mode),
                   bank_train=_given(d.bank_train, epochs=a.bank_epochs, learning_rate=a.bank_lr, mixed_precision=mp),
                   user_lora_train=_given(d.user_lora_train, epochs=a.lora_epochs, learning_rate=a.lora_lr, mixed_precision=mp),
@@ -418,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True)
     r.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     r.add_argument("--limit-users", type=int, default=None, help="quick check: at most N bank users and N eval users")
+    r.add_argument("--bank-without-shared", action="store_true", help="leave out of the bank every bank user whose "
+                   "history holds an item of an eval user (LaMP's users share movies and articles)")
     r.add_argument("--eval-holdout", type=int, metavar="N", help="also score each eval user on their last N profile items, "
                    f"removed from their profile first: N more answers per user (default {c.eval_holdout}: the query alone)")
     r.add_argument("--reuse-bank", default=None, help="a finished bank folder (e.g. an earlier run's OUT/bank) instead of building one")
