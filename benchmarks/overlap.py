@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mta.bench import hold_out_items, in_bank_histories
+from mta.bench import hold_out_items, in_bank_histories, main_metric_where
 from mta.data.lamp import load_users
 from mta.io import atomic_write_json
 from mta.tasks import get_task
@@ -26,16 +26,16 @@ def overlap(run: Path) -> dict:
     task = get_task(results["task"])
     bank_users = load_users(run / "bank_users.json", task)
     eval_users = hold_out_items(task, load_users(run / "eval_users.json", task), results["config"]["bench"].get("eval_holdout", 0))
-    golds = {q.id: q.gold for u in eval_users for q in u.queries}
-    seen = dict(zip(golds, in_bank_histories(task, bank_users, eval_users)))
-    main = task.main_metric
+    queries = [q for u in eval_users for q in u.queries]
+    golds = [q.gold for q in queries]
+    seen = in_bank_histories(task, bank_users, eval_users)
+    parts = {"all": [True] * len(seen), "in bank": seen, "unseen": [not x for x in seen]}
     methods = {}
     for name in results["methods"]:
         preds = {p["id"]: p["output"] for p in json.loads((run / "predictions" / f"{name}.json").read_text())["golds"]}
-        parts = {"all": list(golds), "in bank": [i for i in golds if seen[i]], "unseen": [i for i in golds if not seen[i]]}
-        methods[name] = {part: task.evaluate([preds[i] for i in ids], [golds[i] for i in ids])[main] if ids else None
-                         for part, ids in parts.items()}
-    report = {"task": task.id, "main_metric": main, "n_answers": len(golds), "n_in_bank": sum(seen.values()),
+        answers = [preds[q.id] for q in queries]
+        methods[name] = {part: main_metric_where(task, answers, golds, keep) for part, keep in parts.items()}
+    report = {"task": task.id, "main_metric": task.main_metric, "n_answers": len(golds), "n_in_bank": sum(seen),
               "methods": methods}
     atomic_write_json(run / "overlap.json", report)
     return report

@@ -184,22 +184,32 @@ def in_bank_histories(task: Task, bank_users: list[User], eval_users: list[User]
     without these answers say how much of a result rests on them. An item counts when the start of its text (the
     task's first field) appears in the query.
     """
-    starts = {k for u in bank_users for it in u.profile if (k := _item_key(task, it))}
-    return [any(t in " ".join(q.input.split()) for t in starts) for u in eval_users for q in u.queries]
-
-
-def _item_key(task: Task, item: dict) -> str | None:
-    """The start of an item's text, whitespace normalised; None when too short to identify it."""
-    text = " ".join(str(item[task.item_fields[0]]).split())
-    return text[:200] if len(text) >= 40 else None
+    starts = _item_keys(task, bank_users)
+    return [any(t in q for t in starts) for q in _query_texts(eval_users)]
 
 
 def without_shared_items(task: Task, bank_users: list[User], eval_users: list[User]) -> list[User]:
     """The bank users whose histories hold no item of an eval user (in their profile or asked about): a bank that
     can only help the eval users by what it learned from other items."""
-    profiles = {k for u in eval_users for it in u.profile if (k := _item_key(task, it))}
-    return [b for b in bank_users if not {k for it in b.profile if (k := _item_key(task, it))} & profiles
-            and not any(in_bank_histories(task, [b], eval_users))]
+    profiles, queries = _item_keys(task, eval_users), _query_texts(eval_users)
+    return [b for b in bank_users
+            if not (keys := _item_keys(task, [b])) & profiles and not any(k in q for k in keys for q in queries)]
+
+
+def _item_keys(task: Task, users: list[User]) -> set[str]:
+    """The start of each profile item's text, whitespace normalised; texts too short to identify an item are left out."""
+    texts = (" ".join(str(it[task.item_fields[0]]).split()) for u in users for it in u.profile)
+    return {t[:200] for t in texts if len(t) >= 40}
+
+
+def _query_texts(users: list[User]) -> list[str]:
+    return [" ".join(q.input.split()) for u in users for q in u.queries]
+
+
+def main_metric_where(task: Task, answers: list[str], golds: list[str], keep: list[bool]) -> float | None:
+    """The main metric over the answers `keep` marks; None when it marks none."""
+    kept = [(a, g) for a, g, k in zip(answers, golds, keep) if k]
+    return task.evaluate(*map(list, zip(*kept)))[task.main_metric] if kept else None
 
 
 def write_users(path: Path, users: list[User]) -> None:
@@ -306,8 +316,7 @@ def run_bench(cfg: BenchConfig, bank_users: list[User], eval_users: list[User], 
         atomic_write_json(out / "predictions" / f"{name}.json", {"task": task.id, "golds": preds[name]})
         scores = task.evaluate(answers[name], golds)
         if not all(seen):  # the main metric on the answers whose item no bank user's history holds
-            unseen = [(a, g) for a, g, s in zip(answers[name], golds, seen) if not s]
-            scores[f"{task.main_metric}_unseen"] = task.evaluate(*map(list, zip(*unseen)))[task.main_metric]
+            scores[f"{task.main_metric}_unseen"] = main_metric_where(task, answers[name], golds, [not x for x in seen])
         methods[name] = {**scores, "train_seconds_per_user": cost[name]["train"] / n,
                          "infer_seconds_per_user": cost[name]["infer"] / n, "bytes_per_user": cost[name]["bytes"] / n}
     fusion_cfg = (cfg.fusion if "mta" in cfg.methods else cfg.merge_only if "merge-only" in cfg.methods
