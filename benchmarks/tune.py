@@ -31,7 +31,7 @@ from typing import Callable
 
 from mta.anchors import AnchorConfig
 from mta.bank import build_bank
-from mta.bench import METHODS, BenchConfig, hold_out_items, run_bench, split_users
+from mta.bench import METHODS, BenchConfig, hold_out_items, linked_groups, run_bench, split_users
 from mta.data.lamp import User, load_users
 from mta.fusion import FusionConfig
 from mta.generation import Decoding
@@ -226,29 +226,47 @@ STAGES: dict[str, tuple[str | tuple[str, ...], list[tuple[str, Override]]]] = {
     "cv-recipe": ("recipe", [("lr1e-2", lambda c: c), ("lr2e-2", _top_layers(8, 2, 2e-2, "recipe_stack")),
                              ("lr5e-3", _top_layers(8, 2, 5e-3, "recipe_stack"))]),
     "cv-stack-only": ("stack-only", [("lr3e-3", lambda c: c), ("lr1e-2", _stack("stack_only", 2, 3, 1e-2))]),
+    # LaMP's users share items, and the folds above let a fold's bank hold 45 of its 120 answers' items, where an anchor
+    # may have learned the gold. These stages (APART) score on folds that keep users who share an item together: no
+    # answer's item is in its bank. There the recipe (whose factor averaging keeps about a quarter of the fused ΔW) led
+    # and mta did better at half strength: a weaker start against a harder stack, the same care for the fused baselines
+    "apart-merge-only": ("merge-only", [("s1", lambda c: c), ("s0.5", _merge_only_scale(0.5)),
+                                        ("s0.25", _merge_only_scale(0.25))]),
+    "apart-mta": ("mta", [("s1-lr5e-3", lambda c: c), ("s0.5-lr1e-2", _scale(0.5, 2.0)), ("s0.25-lr2e-2", _scale(0.25, 4.0)),
+                          ("s0.25-r4-lr2e-2", lambda c: _stack("stack", 4, 2, 2e-2)(_scale(0.25)(c)))]),
+    "apart-recipe": ("recipe", [("lr2e-2", lambda c: c), ("lr1e-2", _top_layers(8, 2, 1e-2, "recipe_stack"))]),
+    # the baselines without a bank, at their tuned settings, on the same folds
+    "apart-baselines": (("per-user-lora", "stack-only", "rag", "base"), [("as-tuned", lambda c: c)]),
 }
 
 
-def tuning_folds(task_id: str, data: Path, eval_fraction: float, n: int, holdout: int,
-                 seed: int = 0) -> list[tuple[list[User], list[User]]]:
+def tuning_folds(task_id: str, data: Path, eval_fraction: float, n: int, holdout: int, seed: int = 0,
+                 apart: bool = False) -> list[tuple[list[User], list[User]]]:
     """[(tuning-bank users, tuning users)] per fold: n tuning users each, all from the benchmark's bank users (never
     its eval users), the rest of them the fold's bank. Fold 0 holds the tuning users of every stage; the folded
-    stages use all len(bank users) // n folds."""
+    stages use all len(bank users) // n folds. `apart`: folds of about n, each a whole number of the groups users who
+    share items form (`linked_groups`), so no fold's bank holds an item of its tuning users."""
     task = get_task(task_id)
     bank_users, _ = split_users(load_users(data, task), eval_fraction, seed)
-    order = random.Random(seed + 1).sample(range(len(bank_users)), len(bank_users))  # its first n: fold 0, as before
-    folds = []
-    for f in range(len(bank_users) // n):
-        picked = set(order[f * n:(f + 1) * n])
-        tune = hold_out_items(task, [u for i, u in enumerate(bank_users) if i in picked], holdout)
-        folds.append(([u for i, u in enumerate(bank_users) if i not in picked], tune))
-    return folds
+    if apart:  # the groups in a seeded order, largest first, each into the fold with the fewest users so far
+        groups = linked_groups(task, bank_users)
+        random.Random(seed + 1).shuffle(groups)
+        index = {u.user_id: i for i, u in enumerate(bank_users)}
+        picked: list[set[int]] = [set() for _ in range(len(bank_users) // n)]
+        for g in sorted(groups, key=len, reverse=True):
+            min(picked, key=len).update(index[u.user_id] for u in g)
+    else:
+        order = random.Random(seed + 1).sample(range(len(bank_users)), len(bank_users))  # its first n: fold 0, as before
+        picked = [set(order[f * n:(f + 1) * n]) for f in range(len(bank_users) // n)]
+    return [([u for i, u in enumerate(bank_users) if i not in p], hold_out_items(task, [u for i, u in enumerate(bank_users) if i in p], holdout))
+            for p in picked]
 
 
 BUDGETED = {"mta-cached", "mta-bf16", "task-mta", "task-mta-modules", "cv-mta", "cv-mta-steps"}
 # stage: the tasks it runs on, over all their folds
+APART = {"apart-merge-only", "apart-mta", "apart-recipe", "apart-baselines"}  # on folds that keep shared items apart
 FOLDED = {s: ("LaMP-4",) for s in ["cv-per-user-lora", "cv-mta", "cv-mta-steps", "cv-bank", "cv-mta-stack",
-                                   "cv-merge-only", "cv-recipe", "cv-stack-only"]}
+                                   "cv-merge-only", "cv-recipe", "cv-stack-only", *APART]}
 PER_TASK = {"task-per-user-lora", "task-stack-only", "task-mta", "task-recipe", "task-bank", "task-mta-modules",
             "task-anchors", "task-fusion-scale", "task-merge-only-scale", "task-decoding", *FOLDED}
 
@@ -343,9 +361,12 @@ def main() -> None:
     out, report_json = Path(a.out), Path(a.report + ".json")
     saved = json.loads(report_json.read_text())["stages"] if report_json.exists() else {}
     folds = {t: tuning_folds(t, f, frac, n, a.holdout) for t, f, frac, n in TASKS}
+    apart = {t: tuning_folds(t, f, frac, n, a.holdout, apart=True) for t, f, frac, n in TASKS
+             if any(t in FOLDED[s] for s in APART)}
     cfgs = {t: before_tuning(t) for t, *_ in TASKS}  # each stage's winner is applied before the next stage
     report: dict = {"holdout": a.holdout, "tuning_users": {t: [u.user_id for u in f[0][1]] for t, f in folds.items()},
-                    "folds": {t: [[u.user_id for u in tune] for _, tune in f] for t, f in folds.items()}, "stages": {}}
+                    "folds": {t: [[u.user_id for u in tune] for _, tune in f] for t, f in folds.items()},
+                    "folds_apart": {t: [[u.user_id for u in tune] for _, tune in f] for t, f in apart.items()}, "stages": {}}
     for stage, (method, trials) in STAGES.items():
         if stage not in a.stages:
             if stage in saved:  # not rerun: its saved winner still shapes the stages after it
@@ -356,8 +377,9 @@ def main() -> None:
         timed = stage in BUDGETED
         if timed:  # the reference: the per-user LoRA's current setting, timed by the same code
             trials = [("_per-user-lora", lambda c: c), *trials]
-        used = ({t: f for t, f in folds.items() if t in FOLDED[stage]} if stage in FOLDED
+        used = ({t: f for t, f in (apart if stage in APART else folds).items() if t in FOLDED[stage]} if stage in FOLDED
                 else {t: f[:1] for t, f in folds.items()})
+        banks = "banks-apart-fold{}" if stage in APART else "banks-fold{}"
         for name, override in trials:
             for task, task_folds in used.items():
                 cfg = override(cfgs[task])
@@ -367,7 +389,7 @@ def main() -> None:
                     start = time.perf_counter()
                     folder = out / task / stage / (name if len(by) == 1 else f"{name}-{m}")
                     results = [run_trial(cfg, m, bank_users, tune_users, folder / f"fold{f}" if stage in FOLDED else folder,
-                                         out / task / ("banks" if f == 0 else f"banks-fold{f}"), a.cached_only, timed)
+                                         out / task / ("banks" if f == 0 and stage not in APART else banks.format(f)), a.cached_only, timed)
                                for f, (bank_users, tune_users) in enumerate(task_folds)]
                     per_method[m] = pooled(results, m, task_folds)
                     print(f"[{stage}] {task} {name} {m}: {results[0]['main_metric']}={per_method[m]['main']:.4f} train "
@@ -415,6 +437,11 @@ def markdown(report: dict) -> str:
         lines += ["The cv-* stages score each trial on all of a task's bank users, in folds (fold 0: the tuning users "
                   "above), each fold personalized from a bank of the other bank users: "
                   + "; ".join(f"{t}: {len(report['folds'][t])} folds of {len(report['folds'][t][0])}" for t in folded)
+                  + ".", ""]
+    if any(stage in APART for stage in report["stages"]):
+        lines += ["The apart-* stages use other folds of the same bank users: whole groups of users who share an item "
+                  "(`mta.bench.linked_groups`), so no fold's bank holds an item of its tuning users: "
+                  + "; ".join(f"{t}: folds of " + ", ".join(str(len(f)) for f in fs) for t, fs in report["folds_apart"].items())
                   + ".", ""]
     for stage, s in report["stages"].items():
         w = s["winner"]

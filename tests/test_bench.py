@@ -110,6 +110,17 @@ def test_refuses_a_bank_that_saw_eval_users(run, tmp_path, tiny_model_dir, capsy
     assert "bank must never see an eval user" in capsys.readouterr().err
 
 
+def test_bank_without_shared_refuses_a_reused_bank_trained_on_a_left_out_user(monkeypatch, run, tmp_path,
+                                                                             tiny_model_dir, capsys):
+    monkeypatch.setattr(bench, "without_shared_items", lambda task, bank_users, eval_users: bank_users[1:])
+    args = ["bench", "--task", "LaMP-2", "--bank-users", str(run / "bank_users.json"), "--eval-users",
+            str(run / "eval_users.json"), "--model", str(tiny_model_dir), "--reuse-bank", str(run / "bank"),
+            "--methods", "mta", "--bank-without-shared"]
+    assert main([*args, "--out", str(tmp_path / "x")]) == 2
+    first = load_users(run / "bank_users.json", get_task("LaMP-2"))[0].user_id
+    assert f"trained on bank user(s) ['{first}']" in capsys.readouterr().err and not (tmp_path / "x" / "results.json").exists()
+
+
 def test_refuses_overlapping_user_files(movie_data, tmp_path, capsys):
     assert main(["bench", "--task", "LaMP-2", "--bank-users", str(movie_data), "--eval-users", str(movie_data),
                  "--out", str(tmp_path / "x")]) == 2
@@ -194,6 +205,18 @@ def test_without_shared_items_drops_the_bank_users_who_hold_an_eval_users_item()
     assert [u.user_id for u in bench.without_shared_items(task, bank, eval_users)] == ["clean"]
     cfg = bench_config(["bench", "--task", "LaMP-4", "--out", "o", "--bank-without-shared"])
     assert cfg.bank_without_shared and not bench_config(["bench", "--task", "LaMP-4", "--out", "o"]).bank_without_shared
+
+
+def test_linked_groups_joins_users_who_share_an_item_even_through_others():
+    task = get_task("LaMP-4")
+    item = lambda text: {"text": text + " " + "words " * 10, "title": "t"}
+    asks = lambda text: [Query("q", "Generate a headline for the following article: " + text + " " + "words " * 10, "g")]
+    users = [User("a", [item("first article")], []), User("lone", [item("an article nobody else holds")], []),
+             User("b", [item("first article"), item("second article")], []), User("c", [item("second article")], []),
+             User("asks", [item("own article")], asks("third article")), User("holds", [item("third article")], [])]
+    groups = [[u.user_id for u in g] for g in bench.linked_groups(task, users)]
+    assert groups == [["a", "b", "c"], ["lone"], ["asks", "holds"]]
+    assert bench.linked_groups(task, []) == []
 
 
 def bench_config(args: list[str]) -> BenchConfig:

@@ -22,6 +22,8 @@ from typing import Callable
 import numpy as np
 import torch
 from peft import get_peft_model
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from scipy.stats import bootstrap
 from tqdm.auto import tqdm
 
@@ -196,6 +198,21 @@ def without_shared_items(task: Task, bank_users: list[User], eval_users: list[Us
             if not (keys := _item_keys(task, [b])) & profiles and not any(k in q for k in keys for q in queries)]
 
 
+def linked_groups(task: Task, users: list[User]) -> list[list[User]]:
+    """Users linked, directly or through others, by an item one holds in its profile and another holds or is asked
+    about: folds that keep each group whole keep every item on one side (LaMP-4's 64 users form 21 pairs and 22
+    singles; 46 of LaMP-2's 48 users form one group). Groups in order of their first user, file order within."""
+    owner: dict[str, int] = {}
+    links = [(i, owner.setdefault(k, i)) for i, u in enumerate(users) for k in _item_keys(task, [u])]
+    links += [(i, j) for i, u in enumerate(users) for q in _query_texts([u]) for k, j in owner.items() if k in q]
+    rows, cols = zip(*links) if links else ((), ())
+    _, label = connected_components(coo_matrix((np.ones(len(links)), (rows, cols)), shape=(len(users),) * 2))
+    groups: dict[int, list[User]] = {}
+    for u, g in zip(users, label):
+        groups.setdefault(g, []).append(u)
+    return list(groups.values())
+
+
 def _item_keys(task: Task, users: list[User]) -> set[str]:
     """The start of each profile item's text, whitespace normalised; texts too short to identify an item are left out."""
     texts = (" ".join(str(it[task.item_fields[0]]).split()) for u in users for it in u.profile)
@@ -222,9 +239,13 @@ def _check_disjoint(bank_users: list[User], eval_users: list[User], bank: Bank |
     eval_ids = {u.user_id for u in eval_users}
     shared = eval_ids & {u.user_id for u in bank_users}
     if bank is not None:
-        shared |= eval_ids & {uid for a in bank.manifest["anchors"] for uid in a["user_ids"]}
+        shared |= eval_ids & _trained_on(bank)
     if shared:
         raise MTAError(f"eval user(s) {sorted(shared)[:5]} are also bank users: the bank must never see an eval user")
+
+
+def _trained_on(bank: Bank) -> set[str]:
+    return {uid for a in bank.manifest["anchors"] for uid in a["user_ids"]}
 
 
 def _check_eval_users(users: list[User]) -> None:
@@ -273,8 +294,11 @@ def run_bench(cfg: BenchConfig, bank_users: list[User], eval_users: list[User], 
     if cfg.limit_users is not None:
         bank_users, eval_users = bank_users[: cfg.limit_users], eval_users[: cfg.limit_users]
     eval_users = hold_out_items(task, eval_users, cfg.eval_holdout)
+    dropped: set[str] = set()  # bank users left out for sharing an item with an eval user
     if cfg.bank_without_shared:
-        bank_users = without_shared_items(task, bank_users, eval_users)
+        kept = without_shared_items(task, bank_users, eval_users)
+        dropped = {u.user_id for u in bank_users} - {u.user_id for u in kept}
+        bank_users = kept
         if not bank_users:
             raise MTAError("every bank user shares an item with an eval user: no bank is left without them")
     _check_disjoint(bank_users, eval_users, None)
@@ -284,6 +308,9 @@ def run_bench(cfg: BenchConfig, bank_users: list[User], eval_users: list[User], 
     bank, bank_seconds = _prepare_bank(cfg, bank_users, out, Path(reuse_bank) if reuse_bank else None, model, tokenizer,
                                        embedder, progress)
     _check_disjoint(bank_users, eval_users, bank)
+    if bank is not None and (held := dropped & _trained_on(bank)):
+        raise MTAError(f"bank {bank.path} was trained on bank user(s) {sorted(held)[:5]}, who share an item with an eval "
+                       "user: with --bank-without-shared reuse a bank built with it, or build a new one")
     run = Run(cfg, task, tokenizer, embedder, bank, progress)
 
     preds = {m: [] for m in cfg.methods}
