@@ -232,8 +232,12 @@ STAGES: dict[str, tuple[str | tuple[str, ...], list[tuple[str, Override]]]] = {
     # and mta did better at half strength: a weaker start against a harder stack, the same care for the fused baselines
     "apart-merge-only": ("merge-only", [("s1", lambda c: c), ("s0.5", _merge_only_scale(0.5)),
                                         ("s0.25", _merge_only_scale(0.25))]),
+    # how many anchors a user's adapter fuses, at that strength: with no answer's item in the bank, what an anchor
+    # adds is its users' way of writing, which more anchors may give with less of any one cluster's items
+    "apart-fusion": ("merge-only", [("k1", lambda c: c), ("k2", _fusion(2)), ("k4", _fusion(4))]),
     "apart-mta": ("mta", [("s1-lr5e-3", lambda c: c), ("s0.5-lr1e-2", _scale(0.5, 2.0)), ("s0.25-lr2e-2", _scale(0.25, 4.0)),
-                          ("s0.25-r4-lr2e-2", lambda c: _stack("stack", 4, 2, 2e-2)(_scale(0.25)(c)))]),
+                          ("s0.25-r4-lr2e-2", lambda c: _stack("stack", 4, 2, 2e-2)(_scale(0.25)(c))),
+                          ("s0.5-lr5e-3", _scale(0.5))]),
     "apart-recipe": ("recipe", [("lr2e-2", lambda c: c), ("lr1e-2", _top_layers(8, 2, 1e-2, "recipe_stack"))]),
     # the baselines without a bank, at their tuned settings, on the same folds
     "apart-baselines": (("per-user-lora", "stack-only", "rag", "base"), [("as-tuned", lambda c: c)]),
@@ -264,7 +268,7 @@ def tuning_folds(task_id: str, data: Path, eval_fraction: float, n: int, holdout
 
 BUDGETED = {"mta-cached", "mta-bf16", "task-mta", "task-mta-modules", "cv-mta", "cv-mta-steps"}
 # stage: the tasks it runs on, over all their folds
-APART = {"apart-merge-only", "apart-mta", "apart-recipe", "apart-baselines"}  # on folds that keep shared items apart
+APART = {"apart-merge-only", "apart-fusion", "apart-mta", "apart-recipe", "apart-baselines"}  # on folds that keep shared items apart
 FOLDED = {s: ("LaMP-4",) for s in ["cv-per-user-lora", "cv-mta", "cv-mta-steps", "cv-bank", "cv-mta-stack",
                                    "cv-merge-only", "cv-recipe", "cv-stack-only", *APART]}
 PER_TASK = {"task-per-user-lora", "task-stack-only", "task-mta", "task-recipe", "task-bank", "task-mta-modules",
