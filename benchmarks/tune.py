@@ -239,7 +239,8 @@ STAGES: dict[str, tuple[str | tuple[str, ...], list[tuple[str, Override]]]] = {
                           ("s0.25-r4-lr2e-2", lambda c: _stack("stack", 4, 2, 2e-2)(_scale(0.25)(c))),
                           ("s0.5-lr5e-3", _scale(0.5))]),
     "apart-recipe": ("recipe", [("lr2e-2", lambda c: c), ("lr1e-2", _top_layers(8, 2, 1e-2, "recipe_stack"))]),
-    # the baselines without a bank, at their tuned settings, on the same folds
+    # the baselines without a bank, at their tuned settings: a user's answers do not depend on the folds, so these
+    # equal their cv-* scores, on the answers the fused methods are scored on here
     "apart-baselines": (("per-user-lora", "stack-only", "rag", "base"), [("as-tuned", lambda c: c)]),
 }
 
@@ -262,13 +263,13 @@ def tuning_folds(task_id: str, data: Path, eval_fraction: float, n: int, holdout
     else:
         order = random.Random(seed + 1).sample(range(len(bank_users)), len(bank_users))  # its first n: fold 0, as before
         picked = [set(order[f * n:(f + 1) * n]) for f in range(len(bank_users) // n)]
-    return [([u for i, u in enumerate(bank_users) if i not in p], hold_out_items(task, [u for i, u in enumerate(bank_users) if i in p], holdout))
-            for p in picked]
+    return [([u for i, u in enumerate(bank_users) if i not in p],
+             hold_out_items(task, [u for i, u in enumerate(bank_users) if i in p], holdout)) for p in picked]
 
 
 BUDGETED = {"mta-cached", "mta-bf16", "task-mta", "task-mta-modules", "cv-mta", "cv-mta-steps"}
+APART = {"apart-merge-only", "apart-fusion", "apart-mta", "apart-recipe", "apart-baselines"}  # on tuning_folds(apart=True)
 # stage: the tasks it runs on, over all their folds
-APART = {"apart-merge-only", "apart-fusion", "apart-mta", "apart-recipe", "apart-baselines"}  # on folds that keep shared items apart
 FOLDED = {s: ("LaMP-4",) for s in ["cv-per-user-lora", "cv-mta", "cv-mta-steps", "cv-bank", "cv-mta-stack",
                                    "cv-merge-only", "cv-recipe", "cv-stack-only", *APART]}
 PER_TASK = {"task-per-user-lora", "task-stack-only", "task-mta", "task-recipe", "task-bank", "task-mta-modules",
@@ -383,7 +384,7 @@ def main() -> None:
             trials = [("_per-user-lora", lambda c: c), *trials]
         used = ({t: f for t, f in (apart if stage in APART else folds).items() if t in FOLDED[stage]} if stage in FOLDED
                 else {t: f[:1] for t, f in folds.items()})
-        banks = "banks-apart-fold{}" if stage in APART else "banks-fold{}"
+        banks = "banks-apart-fold{}".format if stage in APART else lambda f: "banks" if f == 0 else f"banks-fold{f}"
         for name, override in trials:
             for task, task_folds in used.items():
                 cfg = override(cfgs[task])
@@ -393,7 +394,7 @@ def main() -> None:
                     start = time.perf_counter()
                     folder = out / task / stage / (name if len(by) == 1 else f"{name}-{m}")
                     results = [run_trial(cfg, m, bank_users, tune_users, folder / f"fold{f}" if stage in FOLDED else folder,
-                                         out / task / ("banks" if f == 0 and stage not in APART else banks.format(f)), a.cached_only, timed)
+                                         out / task / banks(f), a.cached_only, timed)
                                for f, (bank_users, tune_users) in enumerate(task_folds)]
                     per_method[m] = pooled(results, m, task_folds)
                     print(f"[{stage}] {task} {name} {m}: {results[0]['main_metric']}={per_method[m]['main']:.4f} train "
@@ -405,6 +406,8 @@ def main() -> None:
                         "main": sum(v["main"] for v in per_method.values()) / len(by),
                         "train_seconds_per_user": sum(v["train_seconds_per_user"] for v in per_method.values()),
                         "methods": {m: v["main"] for m, v in per_method.items()}}
+                    if stage in FOLDED:
+                        scores[name][task]["folds"] = [sum(x) / len(by) for x in zip(*(v["folds"] for v in per_method.values()))]
         reference = scores.pop("_per-user-lora", None)
         best_of = {t: max(s[t]["main"] for s in scores.values()) or 1.0 for t in used}
         combined = {n: sum(s[t]["main"] / best_of[t] for t in used) / len(used) for n, s in scores.items()}
