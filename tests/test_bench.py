@@ -196,12 +196,16 @@ def test_in_bank_histories_flags_answers_whose_item_a_bank_user_holds():
     assert bench.in_bank_histories(task, [User("b", [{"text": "short", "title": "t"}], [])], eval_users) == [False, False]
 
 
+def _article(text: str) -> dict:
+    """A LaMP-4 profile item long enough to identify (bench._item_keys)."""
+    return {"text": text + " " + "words " * 10, "title": "t"}
+
+
 def test_without_shared_items_drops_the_bank_users_who_hold_an_eval_users_item():
     task = get_task("LaMP-4")
-    item = lambda text: {"text": text + " " + "words " * 10, "title": "t"}
-    eval_users = [User("e", [item("The eval user's own article")], [Query("e1", "Generate a headline: the asked article " + "words " * 10, "g")])]
-    bank = [User("holds-profile", [item("The eval user's own article")], []), User("holds-query", [item("the asked article")], []),
-            User("clean", [item("Something else altogether")], [])]
+    eval_users = [User("e", [_article("The eval user's own article")], [Query("e1", "Generate a headline: the asked article " + "words " * 10, "g")])]
+    bank = [User("holds-profile", [_article("The eval user's own article")], []), User("holds-query", [_article("the asked article")], []),
+            User("clean", [_article("Something else altogether")], [])]
     assert [u.user_id for u in bench.without_shared_items(task, bank, eval_users)] == ["clean"]
     cfg = bench_config(["bench", "--task", "LaMP-4", "--out", "o", "--bank-without-shared"])
     assert cfg.bank_without_shared and not bench_config(["bench", "--task", "LaMP-4", "--out", "o"]).bank_without_shared
@@ -209,11 +213,10 @@ def test_without_shared_items_drops_the_bank_users_who_hold_an_eval_users_item()
 
 def test_linked_groups_joins_users_who_share_an_item_even_through_others():
     task = get_task("LaMP-4")
-    item = lambda text: {"text": text + " " + "words " * 10, "title": "t"}
     asks = lambda text: [Query("q", "Generate a headline for the following article: " + text + " " + "words " * 10, "g")]
-    users = [User("a", [item("first article")], []), User("lone", [item("an article nobody else holds")], []),
-             User("b", [item("first article"), item("second article")], []), User("c", [item("second article")], []),
-             User("asks", [item("own article")], asks("third article")), User("holds", [item("third article")], [])]
+    users = [User("a", [_article("first article")], []), User("lone", [_article("an article nobody else holds")], []),
+             User("b", [_article("first article"), _article("second article")], []), User("c", [_article("second article")], []),
+             User("asks", [_article("own article")], asks("third article")), User("holds", [_article("third article")], [])]
     groups = [[u.user_id for u in g] for g in bench.linked_groups(task, users)]
     assert groups == [["a", "b", "c"], ["lone"], ["asks", "holds"]]
     assert bench.linked_groups(task, []) == []
