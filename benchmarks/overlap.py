@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from mta.bench import hold_out_items, in_bank_histories, main_metric_where
-from mta.data.lamp import load_users
+from mta.data.lamp import load_users, read_predictions
 from mta.io import atomic_write_json
 from mta.tasks import get_task
 
@@ -32,7 +32,7 @@ def overlap(run: Path) -> dict:
     parts = {"all": [True] * len(seen), "in bank": seen, "unseen": [not x for x in seen]}
     methods = {}
     for name in results["methods"]:
-        preds = {p["id"]: p["output"] for p in json.loads((run / "predictions" / f"{name}.json").read_text())["golds"]}
+        preds = read_predictions(run / "predictions" / f"{name}.json", task.id)
         answers = [preds[q.id] for q in queries]
         methods[name] = {part: main_metric_where(task, answers, golds, keep) for part, keep in parts.items()}
     report = {"task": task.id, "main_metric": task.main_metric, "n_answers": len(golds), "n_in_bank": sum(seen),

@@ -63,7 +63,7 @@ def test_predictions_are_lamp_files_that_mta_eval_scores_alike(run, results, cap
     ids = sorted(q.id for u in eval_users for q in u.queries)
     for name in METHODS:
         preds = json.loads((run / "predictions" / f"{name}.json").read_text())
-        assert preds["task"] == "LaMP-2" and sorted(p["id"] for p in preds["golds"]) == ids
+        assert preds["task"] == "LaMP_2" and sorted(p["id"] for p in preds["golds"]) == ids
         capsys.readouterr()
         assert main(["eval", "--task", "LaMP-2", "--predictions", str(run / "predictions" / f"{name}.json"),
                      "--data", str(run / "eval_users.json")]) == 0

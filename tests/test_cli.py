@@ -97,7 +97,7 @@ def test_generate_batch_writes_lamp_predictions(predictions, movie_data):
     assert out.strip() == f"wrote 3 predictions to {path}"
     preds = json.loads(path.read_text())
     want = {q["id"] for u in json.loads(movie_data.read_text()) if str(u["user_id"]) in {"0", "5", "6"} for q in u["query"]}
-    assert preds["task"] == "LaMP-2" and {g["id"] for g in preds["golds"]} == want
+    assert preds["task"] == "LaMP_2" and {g["id"] for g in preds["golds"]} == want  # LaMP's evaluator's spelling
     assert all(isinstance(g["output"], str) for g in preds["golds"])
 
 
@@ -253,9 +253,12 @@ def test_generate_batch_user_not_in_data(capsys, pipeline, tmp_path, movie_data)
 
 @pytest.mark.parametrize("preds, message", [
     ("[1, 2", "predictions file"),
-    ({"golds": "x"}, "expected LaMP predictions"),
-    ({"golds": [{"id": "1"}]}, "prediction #0 needs 'id' and 'output'"),
-    ({"golds": [{"id": "nope", "output": "comedy"}]}, "1 prediction id(s) have no gold in"),
+    ({"golds": []}, "missing field(s) ['task']"),
+    ({"task": "LaMP_4", "golds": []}, "holds predictions for 'LaMP_4', not LaMP-2"),
+    ({"task": "LaMP_2", "golds": "x"}, "'golds' must be a list"),
+    ({"task": "LaMP_2", "golds": [{"id": "1"}]}, "prediction #0: missing field(s) ['output']"),
+    ({"task": "LaMP_2", "golds": [{"id": "1", "output": "a"}, {"id": "1", "output": "b"}]}, "id '1' appears twice"),
+    ({"task": "LaMP-2", "golds": [{"id": "nope", "output": "comedy"}]}, "1 prediction id(s) have no gold in"),
 ])
 def test_eval_bad_predictions(capsys, tmp_path, movie_data, preds, message):
     (tmp_path / "p.json").write_text(preds if isinstance(preds, str) else json.dumps(preds))

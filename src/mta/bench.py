@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from mta.anchors import AnchorConfig
 from mta.bank import Bank, BankConfig, LoraSpec, anchor_training, build_bank
-from mta.data.lamp import Query, User, load_users
+from mta.data.lamp import Query, User, load_users, predictions_file
 from mta.embedding import profile_embedding
 from mta.fusion import FusionConfig, merge, plan_fusion
 from mta.generation import Decoding, generate
@@ -340,7 +340,7 @@ def run_bench(cfg: BenchConfig, bank_users: list[User], eval_users: list[User], 
     answers = {name: [p["output"] for p in preds[name]] for name in cfg.methods}
     seen = in_bank_histories(task, bank_users, eval_users)
     for name in cfg.methods:
-        atomic_write_json(out / "predictions" / f"{name}.json", {"task": task.id, "golds": preds[name]})
+        atomic_write_json(out / "predictions" / f"{name}.json", predictions_file(task.id, preds[name]))
         scores = task.evaluate(answers[name], golds)
         if not all(seen):  # the main metric on the answers whose item no bank user's history holds
             scores[f"{task.main_metric}_unseen"] = main_metric_where(task, answers[name], golds, [not x for x in seen])

@@ -203,7 +203,7 @@ def _user_folders(path: Path) -> list[Path]:
 
 def cmd_generate(a) -> None:
     from mta.bank import Bank
-    from mta.data.lamp import load_users
+    from mta.data.lamp import load_users, predictions_file
     from mta.generation import generate
     from mta.io import atomic_write_json
     from mta.models import load_base
@@ -234,24 +234,16 @@ def cmd_generate(a) -> None:
         prompts = [query_prompt(task, q.input, profile, a.retrieve) for q in queries]
         outs = generate(model, tok, prompts, a.max_new_tokens or task.max_new_tokens, _decoding(a, task.id))
         golds += [{"id": q.id, "output": o} for q, o in zip(queries, outs)]
-    atomic_write_json(a.out, {"task": task.id, "golds": golds})
+    atomic_write_json(a.out, predictions_file(task.id, golds))
     print(f"wrote {len(golds)} predictions to {a.out}")
 
 
 def cmd_eval(a) -> None:
-    from mta.data.lamp import load_users
-    from mta.io import read_json
+    from mta.data.lamp import load_users, read_predictions
     from mta.tasks import get_task
 
     task = get_task(a.task)
-    preds = read_json(a.predictions, "predictions file")
-    if not isinstance(preds, dict) or not isinstance(preds.get("golds"), list):
-        raise MTAError(f"{a.predictions}: expected LaMP predictions {{'task', 'golds': [{{'id', 'output'}}]}}")
-    by_id = {}
-    for i, g in enumerate(preds["golds"]):
-        if not isinstance(g, dict) or "id" not in g or "output" not in g:
-            raise MTAError(f"{a.predictions}: prediction #{i} needs 'id' and 'output'")
-        by_id[str(g["id"])] = str(g["output"])
+    by_id = read_predictions(a.predictions, task.id)
     gold = {q.id: q.gold for u in load_users(a.data, task) for q in u.queries if q.gold is not None}
     missing = sorted(set(by_id) - set(gold))
     if missing:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from mta.data.lamp import Query, User, find_user, load_users, require_profile
+from mta.data.lamp import Query, User, find_user, load_users, predictions_file, read_predictions, require_profile
 from mta.io import MTAError
 from mta.tasks import get_task
 
@@ -41,6 +41,19 @@ def test_official_layout_with_outputs(tmp_path):
     users = load_users(_write(tmp_path / "dev_questions.json", QUESTIONS), LAMP2)
     assert users == [User("100", [ITEM], [Query("100", "Which tag? a", "comedy")]),
                      User("101", [ITEM, ITEM], [Query("101", "Which tag? b", "action")])]
+
+
+def test_predictions_in_lamp_format(tmp_path):
+    """Written as LaMP's own outputs files spell the task (its evaluator asserts preds['task'] == 'LaMP_2'),
+    read back in either spelling."""
+    written = predictions_file("LaMP-2", OUTPUTS["golds"])
+    assert written == OUTPUTS
+    path = _write(tmp_path / "p.json", written)
+    assert read_predictions(path, "LaMP-2") == {"100": "comedy", "101": "action"}
+    _write(path, {**written, "task": "LaMP-2"})
+    assert read_predictions(path, "LaMP-2") == {"100": "comedy", "101": "action"}
+    with pytest.raises(MTAError, match="holds predictions for 'LaMP-2', not LaMP-4"):
+        read_predictions(path, "LaMP-4")
 
 
 def test_official_layout_without_outputs(tmp_path):

@@ -126,6 +126,32 @@ def find_user(users: list[User], user_id: str) -> User:
     raise MTAError(f"unknown user {user_id!r}: not among the {len(users)} users of the data file (e.g. {sample})")
 
 
+def lamp_task_name(task_id: str) -> str:
+    """LaMP's own files spell a task `LaMP_4`; its evaluator refuses prediction files spelled otherwise."""
+    return task_id.replace("-", "_")
+
+
+def predictions_file(task_id: str, golds: list[dict]) -> dict:
+    """Predictions in LaMP's format, ready for its official evaluator: {"task": "LaMP_4", "golds": [{"id", "output"}]}."""
+    return {"task": lamp_task_name(task_id), "golds": golds}
+
+
+def read_predictions(path: str | Path, task_id: str) -> dict[str, str]:
+    """{query id: output} of a LaMP predictions file for `task_id` (either spelling of the task)."""
+    preds = _require(read_json(path, "predictions file"), ("task", "golds"), f"predictions file {path}")
+    if lamp_task_name(str(preds["task"])) != lamp_task_name(task_id):
+        raise MTAError(f"predictions file {path} holds predictions for {preds['task']!r}, not {task_id}")
+    if not isinstance(preds["golds"], list):
+        raise MTAError(f"predictions file {path}: 'golds' must be a list of {{'id', 'output'}}")
+    out: dict[str, str] = {}
+    for i, g in enumerate(preds["golds"]):
+        _require(g, ("id", "output"), f"predictions file {path}: prediction #{i}")
+        if str(g["id"]) in out:
+            raise MTAError(f"predictions file {path}: id {g['id']!r} appears twice")
+        out[str(g["id"])] = str(g["output"])
+    return out
+
+
 def require_profile(user: User) -> list[dict]:
     if not user.profile:
         raise MTAError(f"user {user.user_id!r} has an empty profile: there is no history to personalize from")
