@@ -120,7 +120,10 @@ def test_per_user_bad_content(tmp_path, data, message):
     (QUESTIONS, "{broken", r"outputs file .*dev_outputs.json is not valid JSON"),
     (QUESTIONS, {"task": "LaMP_2"}, r"dev_outputs.json: missing field\(s\) \['golds'\]"),
     (QUESTIONS, {"golds": [{"id": "100"}]}, r"dev_outputs.json: gold #0: missing field\(s\) \['output'\]"),
-], ids=["no-profile", "not-object", "item-no-description", "outputs-not-json", "outputs-no-golds", "gold-no-output"])
+    (QUESTIONS, {"golds": "comedy"}, r"dev_outputs.json: 'golds' must be a list"),
+    (QUESTIONS, {"golds": [{"id": "100", "output": "a"}, {"id": "100", "output": "b"}]}, "dev_outputs.json: id '100' appears twice"),
+], ids=["no-profile", "not-object", "item-no-description", "outputs-not-json", "outputs-no-golds", "gold-no-output",
+        "golds-not-list", "gold-twice"])
 def test_official_bad_content(tmp_path, questions, outputs, message):
     if outputs is not None:
         _write(tmp_path / "dev_outputs.json", outputs)

@@ -105,10 +105,8 @@ def _official(data: list, path: Path, task: Task | None) -> list[User]:
     golds: dict[str, str] = {}
     outputs = _outputs_path(path)
     if outputs is not None:
-        out = _require(read_json(outputs, "outputs file"), ("golds",), str(outputs))
-        for j, g in enumerate(out["golds"]):
-            _require(g, ("id", "output"), f"{outputs}: gold #{j}")
-            golds[str(g["id"])] = str(g["output"])
+        golds = _outputs_by_id(_require(read_json(outputs, "outputs file"), ("golds",), str(outputs))["golds"],
+                               str(outputs), "gold")
     users = []
     for i, raw in enumerate(data):
         _require(raw, ("id", "input", "profile"), f"{path}: question #{i}")
@@ -141,13 +139,18 @@ def read_predictions(path: str | Path, task_id: str) -> dict[str, str]:
     preds = _require(read_json(path, "predictions file"), ("task", "golds"), f"predictions file {path}")
     if lamp_task_name(str(preds["task"])) != lamp_task_name(task_id):
         raise MTAError(f"predictions file {path} holds predictions for {preds['task']!r}, not {task_id}")
-    if not isinstance(preds["golds"], list):
-        raise MTAError(f"predictions file {path}: 'golds' must be a list of {{'id', 'output'}}")
+    return _outputs_by_id(preds["golds"], f"predictions file {path}", "prediction")
+
+
+def _outputs_by_id(golds: object, where: str, what: str) -> dict[str, str]:
+    """{id: output} of LaMP's `golds` list: its gold files and prediction files share that shape."""
+    if not isinstance(golds, list):
+        raise MTAError(f"{where}: 'golds' must be a list of {{'id', 'output'}}")
     out: dict[str, str] = {}
-    for i, g in enumerate(preds["golds"]):
-        _require(g, ("id", "output"), f"predictions file {path}: prediction #{i}")
+    for i, g in enumerate(golds):
+        _require(g, ("id", "output"), f"{where}: {what} #{i}")
         if str(g["id"]) in out:
-            raise MTAError(f"predictions file {path}: id {g['id']!r} appears twice")
+            raise MTAError(f"{where}: id {g['id']!r} appears twice")
         out[str(g["id"])] = str(g["output"])
     return out
 
