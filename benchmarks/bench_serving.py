@@ -23,16 +23,17 @@ import time
 from pathlib import Path
 
 import torch
+from serving_setup import TASK, serving_bank, serving_data
 
 from mta.adapters import LoraWeights, extract
+from mta.config import FusionConfig, StackConfig
 from mta.embedding import profile_embedding
-from mta.fusion import FusionConfig, merge, plan_fusion
+from mta.fusion import merge, plan_fusion
 from mta.models import load_base, load_embedder
 from mta.serve.batched import PerRowLora, Row, generate_rows
-from mta.stacking import STACK, StackConfig, base_of, with_adapters
+from mta.stacking import STACK, base_of, with_adapters
 from mta.tasks import query_prompt
 from mta.training import fit, prompt_ids
-from serving_setup import TASK, serving_bank, serving_data
 
 RESULTS = Path(__file__).parent / "results"
 

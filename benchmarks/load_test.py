@@ -29,7 +29,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-
 from serving_setup import WORK, serving_bank, serving_data
 
 RESULTS = Path(__file__).parent / "results"

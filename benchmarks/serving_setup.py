@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mta.anchors import AnchorConfig
-from mta.bank import Bank, BankConfig, build_bank
+from mta.bank import Bank, build_bank
+from mta.config import DEFAULT_MODEL, AnchorConfig, BankConfig, TrainConfig
 from mta.data.lamp import User, load_users
 from mta.data.synthetic import make_movie_tagging
-from mta.models import DEFAULT_MODEL, cache_dir
+from mta.models import cache_dir
 from mta.tasks import get_task
-from mta.training import TrainConfig
 
 TASK = get_task("LaMP-2")
 WORK = cache_dir() / "bench-serving"

@@ -29,17 +29,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from mta.anchors import AnchorConfig
 from mta.bank import build_bank
-from mta.bench import METHODS, BenchConfig, hold_out_items, linked_groups, run_bench, split_users
+from mta.bench import METHODS, bank_config, hold_out_items, linked_groups, run_bench, split_users
+from mta.config import AnchorConfig, BenchConfig, Decoding, FusionConfig, StackConfig, TrainConfig
 from mta.data.lamp import User, load_users
-from mta.fusion import FusionConfig
-from mta.generation import Decoding
 from mta.io import atomic_write_bytes, atomic_write_json
 from mta.models import load_base, load_embedder
-from mta.stacking import StackConfig
 from mta.tasks import get_task
-from mta.training import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "lamp"
@@ -329,7 +325,7 @@ def run_trial(cfg: BenchConfig, method: str, bank_users: list[User], tune_users:
         bank_dir = banks / f"{cfg.anchors.mode}-{cfg.anchors.num_clusters}-ep{t.epochs:g}-lr{t.learning_rate:g}"
     if bank_dir is not None and not (bank_dir / "manifest.json").exists():
         model, tokenizer = load_base(cfg.base_model)
-        build_bank(bank_users, bank_dir, cfg.bank_config(), model, tokenizer, load_embedder(cfg.embedding_model))
+        build_bank(bank_users, bank_dir, bank_config(cfg), model, tokenizer, load_embedder(cfg.embedding_model))
     FRESH.add(out / "results.json")
     return run_bench(cfg, bank_users, tune_users, out, bank_dir, {"tuning": True}, progress=False)
 
@@ -436,7 +432,7 @@ def _write(report: dict, cfgs: dict[str, BenchConfig], path: str) -> None:
 
 def markdown(report: dict) -> str:
     lines = ["# Tuning sweep (benchmarks/tune.py)", "",
-             f"Tuning users (drawn from the benchmark's bank users; eval users never seen): "
+             "Tuning users (drawn from the benchmark's bank users; eval users never seen): "
              + "; ".join(f"{t}: {len(ids)}" for t, ids in report["tuning_users"].items())
              + f". Each answers its query plus its last {report['holdout']} profile items (removed from its profile).", ""]
     folded = sorted({t for stage in report["stages"] if stage in FOLDED for t in FOLDED[stage]})

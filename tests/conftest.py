@@ -102,9 +102,7 @@ def input_ids(tiny_model_dir) -> torch.Tensor:
 
 @pytest.fixture(scope="session")
 def bank_config(tiny_model_dir):
-    from mta.anchors import AnchorConfig
-    from mta.bank import BankConfig, LoraSpec
-    from mta.training import TrainConfig
+    from mta.config import AnchorConfig, BankConfig, LoraSpec, TrainConfig
 
     return BankConfig(task="LaMP-2", base_model=str(tiny_model_dir), anchors=AnchorConfig(num_clusters=3, min_history=5, mode="user"),
                       lora=LoraSpec(rank=4), train=TrainConfig(epochs=1, batch_size=8, max_length=128, learning_rate=1e-2))
@@ -142,7 +140,8 @@ def write_random_bank(out: Path, model_dir: Path, rank: int = 4, alpha: float | 
     from peft import LoraConfig, get_peft_model
 
     from mta.anchors import Anchor
-    from mta.bank import BankConfig, LoraSpec, finalize_bank
+    from mta.bank import finalize_bank
+    from mta.config import BankConfig, LoraSpec
     from mta.io import atomic_save_tensors, atomic_write_json
     from mta.models import load_base, model_signature
 

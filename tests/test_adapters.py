@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from conftest import logits, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from conftest import logits, tiny_llama
 from mta.adapters import LoraWeights, attach, check_fits, extract, folded
 from mta.io import MTAError
 from mta.models import load_base

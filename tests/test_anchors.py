@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from mta.anchors import AnchorConfig, select_anchors
+from mta.anchors import select_anchors
+from mta.config import AnchorConfig
 from mta.io import MTAError
 
 # three tight, well separated groups of users in 4-d: the clusters k-means must find

@@ -6,14 +6,15 @@ import shutil
 
 import pytest
 import torch
+from conftest import snapshot, tiny_llama
 from peft import PeftModel
 from safetensors.torch import load_file
 
 import mta.bank
-from conftest import snapshot, tiny_llama
 from mta import __version__
 from mta.adapters import extract
-from mta.bank import FORMAT_VERSION, Bank, BankConfig, LoraSpec, build_bank, plan_bank
+from mta.bank import FORMAT_VERSION, Bank, build_bank, plan_bank
+from mta.config import BankConfig, LoraSpec
 from mta.data.lamp import User
 from mta.io import MTAError, sha256_file
 from mta.models import load_base, model_signature

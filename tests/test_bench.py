@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 
 from mta import bench
-from mta.bench import METHODS, BenchConfig, Run, hold_out_items, split_users, versus
+from mta.bench import METHODS, Run, hold_out_items, split_users, versus
 from mta.cli import main
+from mta.config import BenchConfig, FusionConfig
 from mta.data.lamp import Query, User, load_users
-from mta.fusion import FusionConfig
 from mta.io import MTAError
 from mta.tasks import get_task
 

@@ -6,8 +6,8 @@ import json
 import shutil
 
 import pytest
-
 from conftest import snapshot
+
 from mta.bank import Bank
 from mta.cli import main
 from mta.generation import generate

@@ -100,7 +100,7 @@ def test_ray_single_user_writes_out_itself(banks, movie_data, tmp_path):
 
 
 def test_missing_ray_says_how_to_install(monkeypatch, tiny_model_dir, tmp_path):
-    from mta.bank import BankConfig
+    from mta.config import BankConfig
     from mta.executors import run_bank
 
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray → ImportError

@@ -4,18 +4,19 @@ import json
 
 import pytest
 import torch
+from conftest import logits
 from peft import PeftModel
 
-from conftest import logits
 from mta.cli import main
+from mta.config import FusionConfig, StackConfig, TrainConfig
 from mta.export import export_stored_user, export_user, vllm_rank
-from mta.fusion import FusionConfig, merge, plan_fusion
+from mta.fusion import merge, plan_fusion
 from mta.io import MTAError
 from mta.models import load_base
 from mta.serve.store import UserStore
-from mta.stacking import StackConfig, UserRecord, load_personalized, save_user, user_adapters, with_adapters
+from mta.stacking import UserRecord, load_personalized, save_user, user_adapters, with_adapters
 from mta.tasks import get_task, loo_examples
-from mta.training import TrainConfig, train
+from mta.training import train
 
 TASK = get_task("LaMP-2")
 FAST = TrainConfig(epochs=2, batch_size=4, max_length=128, learning_rate=1e-2)

@@ -3,20 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from conftest import RANDOM_ANCHOR_EMBEDDINGS, logits, write_random_bank
 from peft import PeftModel
 
-from conftest import RANDOM_ANCHOR_EMBEDDINGS, logits, write_random_bank
 from mta.adapters import attach
-from mta.fusion import (
-    MERGE_METHODS,
-    WEIGHTINGS,
-    FusionConfig,
-    FusionRecord,
-    fuse,
-    merge,
-    merge_svd,
-    plan_fusion,
-)
+from mta.config import FusionConfig
+from mta.fusion import MERGE_METHODS, WEIGHTINGS, FusionRecord, fuse, merge, merge_svd, plan_fusion, resolve
 from mta.io import MTAError
 from mta.models import load_base
 
@@ -170,7 +162,7 @@ def test_published_weighting_gives_the_most_similar_anchor_the_smaller_weight():
 
 
 def test_recipe_preset_is_top2_linear_published():
-    eff = FusionConfig(k=4, merge="recipe").resolved()
+    eff = resolve(FusionConfig(k=4, merge="recipe"))
     assert (eff.k, eff.merge, eff.weighting) == (2, "linear", "published")
 
 
@@ -214,13 +206,14 @@ def test_scale_is_the_weights_sum_and_scales_the_delta(random_bank, scale, merge
         torch.testing.assert_close(b.delta(n), scale**power * a.delta(n), atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan")])
-def test_scale_must_be_positive(random_bank, scale):
-    with pytest.raises(MTAError, match="fusion scale must be positive"):
-        plan_fusion(random_bank, np.ones(3), FusionConfig(scale=scale))
+@pytest.mark.parametrize("change", [{"scale": 0.0}, {"scale": -1.0}, {"scale": float("nan")}, {"k": 0},
+                                    {"temperature": 0.0}, {"temperature": float("inf")}, {"rank": 0}])
+def test_settings_are_checked_when_made(change):
+    with pytest.raises(MTAError, match="must be"):
+        FusionConfig(**change)
 
 
-@pytest.mark.parametrize("k", [0, 5, 50])
+@pytest.mark.parametrize("k", [5, 50])
 def test_k_out_of_range(random_bank, k):
     with pytest.raises(MTAError, match=rf"k={k} is out of range: the bank has 4 anchor\(s\)"):
         plan_fusion(random_bank, np.ones(3), FusionConfig(k=k))

@@ -7,11 +7,7 @@ from pathlib import Path
 import pytest
 
 from mta import cli, presets
-from mta.bank import BankConfig
-from mta.bench import BenchConfig
-from mta.fusion import FusionConfig
-from mta.generation import Decoding
-from mta.stacking import PersonalizeConfig, StackConfig
+from mta.config import BankConfig, BenchConfig, Decoding, FusionConfig, PersonalizeConfig, StackConfig
 from mta.tasks import get_task
 
 

@@ -5,18 +5,17 @@ import json
 
 import pytest
 import torch
-
 from conftest import logits, snapshot, tiny_llama
+
 from mta.adapters import folded
+from mta.config import FusionConfig, PersonalizeConfig, StackConfig, TrainConfig
 from mta.data.lamp import User
-from mta.fusion import FusionConfig, FusionRecord, merge
+from mta.fusion import FusionRecord, merge, resolve
 from mta.io import MTAError
 from mta.models import load_base
 from mta.stacking import (
     FUSED,
     STACK,
-    PersonalizeConfig,
-    StackConfig,
     UserRecord,
     load_personalized,
     load_profile,
@@ -26,7 +25,7 @@ from mta.stacking import (
     with_adapters,
 )
 from mta.tasks import get_task, loo_examples
-from mta.training import TrainConfig, train
+from mta.training import train
 
 TASK = get_task("LaMP-2")
 FAST = TrainConfig(epochs=2, batch_size=4, max_length=128, learning_rate=1e-2)
@@ -166,7 +165,7 @@ def test_save_and_load_give_identical_logits(tiny_bank, tiny_model_dir, users, e
         assert saved["base_model"] == str(tiny_model_dir)
     else:
         assert saved["bank_fingerprint"] == tiny_bank.fingerprint
-        assert len(saved["fusion"]["anchor_ids"]) == fusion.resolved().k
+        assert len(saved["fusion"]["anchor_ids"]) == resolve(fusion).k
     if stack is not None:
         assert saved["stack"]["rank"] == stack.rank and saved["stack"]["steps"] > 0
         assert json.loads((tmp_path / "u" / "adapter" / "adapter_config.json").read_text())["r"] == stack.rank

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from conftest import SHARED_LAMP
+
 from mta.data.synthetic import LAMP2_PROMPT, make_movie_tagging
 from mta.io import MTAError
 from mta.metrics import MAIN_METRIC

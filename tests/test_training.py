@@ -3,9 +3,10 @@
 import pytest
 import torch
 
+from mta.config import TrainConfig
 from mta.io import MTAError
 from mta.tasks import Example
-from mta.training import TrainConfig, encode, fit, prompt_ids, train
+from mta.training import encode, fit, prompt_ids, train
 
 
 @pytest.mark.parametrize("n, max_length, want", [
@@ -101,7 +102,8 @@ def _three_layer_llama(tok):
 
 
 def _train_stack(model, tok, plain: bool):
-    from mta.stacking import StackConfig, with_adapters
+    from mta.config import StackConfig
+    from mta.stacking import with_adapters
 
     torch.manual_seed(0)
     model = with_adapters(model, None, StackConfig(rank=2, top_layers=2, target_modules=["q_proj", "v_proj", "down_proj"]))
@@ -189,7 +191,8 @@ def test_bf16_training_keeps_fp32_weights_and_tracks_fp32(tiny_model_dir):
     tok = load_tokenizer(str(tiny_model_dir))
     runs = {}
     for mode in ("no", "bf16"):
-        from mta.stacking import StackConfig, with_adapters
+        from mta.config import StackConfig
+        from mta.stacking import with_adapters
 
         torch.manual_seed(0)
         model = with_adapters(_three_layer_llama(tok), None, StackConfig(rank=2, top_layers=None))

@@ -8,20 +8,12 @@ the pooled histories of the whole cluster, which helps when every user has only 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 from sklearn.cluster import KMeans
 
+from mta.config import AnchorConfig
 from mta.io import MTAError
-
-
-@dataclass
-class AnchorConfig:
-    num_clusters: int = 8
-    min_history: int = 5
-    mode: Literal["user", "cluster"] = "cluster"  # tuned (benchmarks/results/tuning.md): user mode was worst
-    seed: int = 0
 
 
 @dataclass
@@ -37,8 +29,6 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def select_anchors(user_ids: list[str], history_lengths: list[int], embeddings: np.ndarray, cfg: AnchorConfig) -> list[Anchor]:
-    if cfg.mode not in ("user", "cluster"):
-        raise MTAError(f"unknown anchor mode {cfg.mode!r}; use 'user' or 'cluster'")
     eligible = [i for i, n in enumerate(history_lengths) if n >= cfg.min_history]
     if not eligible:
         raise MTAError(f"no user has at least {cfg.min_history} history items (min_history); lower it or add users")

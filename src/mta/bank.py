@@ -16,63 +16,25 @@ import dataclasses
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from tqdm.auto import tqdm
 
 from mta import __version__
 from mta.adapters import LoraWeights
-from mta.anchors import Anchor, AnchorConfig, select_anchors
+from mta.anchors import Anchor, select_anchors
+from mta.config import BankConfig
 from mta.data.lamp import User
 from mta.embedding import profile_embeddings
 from mta.io import MTAError, atomic_dir, atomic_save_tensors, atomic_write_json, load_tensors, read_json, sha256_file
-from mta.models import DEFAULT_EMBEDDER, DEFAULT_MODEL, load_base, load_embedder, model_signature
+from mta.models import load_base, load_embedder, model_signature
 from mta.tasks import Example, get_task, loo_examples
-from mta.training import TrainConfig, train
+from mta.training import train
 
 FORMAT_VERSION = 1
-
-
-@dataclass
-class LoraSpec:
-    rank: int = 8
-    alpha: float | None = None  # None → alpha = rank: scaling 1, so fusion weights mean what they say
-    target_modules: str | list[str] = "all-linear"
-    dropout: float = 0.0
-
-    def peft_config(self) -> LoraConfig:
-        return LoraConfig(r=self.rank, lora_alpha=self.alpha or self.rank, target_modules=self.target_modules,
-                          lora_dropout=self.dropout, bias="none", task_type="CAUSAL_LM")
-
-
-def anchor_training() -> TrainConfig:
-    """As hard as a per-user LoRA: an anchor must teach the task's answer form (a tag, a headline's length) before
-    any one user's style; both tasks tuned to it (benchmarks/results/tuning.md, task-bank and cv-bank)."""
-    return TrainConfig(epochs=3.0, learning_rate=2e-3)
-
-
-@dataclass
-class BankConfig:
-    task: str
-    base_model: str = DEFAULT_MODEL
-    embedding_model: str = DEFAULT_EMBEDDER
-    anchors: AnchorConfig = field(default_factory=AnchorConfig)
-    lora: LoraSpec = field(default_factory=LoraSpec)
-    train: TrainConfig = field(default_factory=anchor_training)
-    num_retrieved: int = 1
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "BankConfig":
-        return cls(task=d["task"], base_model=d["base_model"], embedding_model=d["embedding_model"],
-                   anchors=AnchorConfig(**d["anchors"]), lora=LoraSpec(**d["lora"]), train=TrainConfig(**d["train"]),
-                   num_retrieved=d["num_retrieved"])
 
 
 def _digest(users: list[User]) -> str:

@@ -15,7 +15,7 @@ import dataclasses
 import json
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -27,58 +27,18 @@ from scipy.sparse.csgraph import connected_components
 from scipy.stats import bootstrap
 from tqdm.auto import tqdm
 
-from mta.anchors import AnchorConfig
-from mta.bank import Bank, BankConfig, LoraSpec, anchor_training, build_bank
+from mta.bank import Bank, build_bank
+from mta.config import BankConfig, BenchConfig, FusionConfig
 from mta.data.lamp import Query, User, load_users, predictions_file
 from mta.embedding import profile_embedding
-from mta.fusion import FusionConfig, merge, plan_fusion
-from mta.generation import Decoding, generate
+from mta.fusion import merge, plan_fusion
+from mta.generation import generate
 from mta.io import MTAError, atomic_write_bytes, atomic_write_json
 from mta.metrics import LOWER_IS_BETTER
-from mta.models import DEFAULT_EMBEDDER, DEFAULT_MODEL, load_base, load_embedder
-from mta.stacking import PersonalizeConfig, StackConfig, base_of, personalize, save_user
+from mta.models import load_base, load_embedder
+from mta.stacking import PersonalizeConfig, base_of, personalize, save_user
 from mta.tasks import Task, get_task, loo_examples, query_prompt
-from mta.training import TrainConfig, train
-
-
-@dataclass
-class BenchConfig:
-    """Every setting of a run; written into results.json so a table can be traced to its settings.
-
-    Defaults are the winners of benchmarks/tune.py on tuning users (benchmarks/results/tuning.md), the
-    library's own defaults where MTA's settings are concerned.
-    `mta.presets.preset(BenchConfig(task), task)` adds what the per-task stages changed (as `mta bench` does).
-    """
-
-    task: str
-    base_model: str = DEFAULT_MODEL
-    embedding_model: str = DEFAULT_EMBEDDER
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    num_retrieved: int = 1
-    decoding: Decoding = field(default_factory=Decoding)  # every method alike
-    anchors: AnchorConfig = field(default_factory=AnchorConfig)
-    lora: LoraSpec = field(default_factory=LoraSpec)  # rank 8: the bank's anchors and the per-user LoRA alike
-    bank_train: TrainConfig = field(default_factory=anchor_training)
-    user_lora_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3.0, learning_rate=2e-3))  # tuned
-    fusion: FusionConfig = field(default_factory=FusionConfig)  # mta
-    # merge-only, tuned on its own: a task may start MTA's stack from another fusion than merge-only's best
-    merge_only: FusionConfig = field(default_factory=FusionConfig)
-    stack: StackConfig = field(default_factory=StackConfig)  # mta
-    # stack-only, tuned on its own: from the base model a rank-2 LoRA needs 3 epochs at 1e-2 (benchmarks/results/tuning.md)
-    stack_only: StackConfig = field(default_factory=lambda: StackConfig(
-        top_layers=None, train=TrainConfig(epochs=3.0, learning_rate=1e-2)))
-    # recipe: the published rank-4 stack; its schedule is tuned for it on its own (the task-recipe stage)
-    recipe_stack: StackConfig = field(default_factory=lambda: StackConfig(rank=4))
-    limit_users: int | None = None  # a quick check: at most this many bank users and eval users
-    # more answers per eval user: their last N profile items, removed from their profile first, are scored too
-    # (0: the query alone, LaMP's protocol)
-    eval_holdout: int = 0
-    # build the bank without the bank users who share an item with an eval user (mta.bench.without_shared_items)
-    bank_without_shared: bool = False
-
-    def bank_config(self) -> BankConfig:
-        return BankConfig(task=get_task(self.task).id, base_model=self.base_model, embedding_model=self.embedding_model,
-                          anchors=self.anchors, lora=self.lora, train=self.bank_train, num_retrieved=self.num_retrieved)
+from mta.training import train
 
 
 @dataclass
@@ -146,6 +106,12 @@ METHODS: dict[str, Method] = {
     "recipe": Method(_personalized(_recipe), needs_bank=True),
     "mta": Method(_personalized(lambda c: PersonalizeConfig(c.fusion, c.stack, c.num_retrieved)), needs_bank=True),
 }
+
+
+def bank_config(cfg: BenchConfig) -> BankConfig:
+    """The bank a run builds: the run's model, embedder, anchors, LoRA and retrieval."""
+    return BankConfig(task=get_task(cfg.task).id, base_model=cfg.base_model, embedding_model=cfg.embedding_model,
+                      anchors=cfg.anchors, lora=cfg.lora, train=cfg.bank_train, num_retrieved=cfg.num_retrieved)
 
 
 # -- data split ------------------------------------------------------------------------------------
@@ -267,7 +233,7 @@ def _prepare_bank(cfg: BenchConfig, bank_users: list[User], out: Path, reuse: Pa
             raise MTAError(f"bank {reuse} is for {bank.task.id}, not {get_task(cfg.task).id}")
         return bank, None
     start = time.perf_counter()
-    bank = build_bank(bank_users, out / "bank", cfg.bank_config(), model, tokenizer, embedder, progress)
+    bank = build_bank(bank_users, out / "bank", bank_config(cfg), model, tokenizer, embedder, progress)
     return bank, time.perf_counter() - start
 
 
@@ -288,9 +254,6 @@ def run_bench(cfg: BenchConfig, bank_users: list[User], eval_users: list[User], 
     """Build (or reuse) the bank, personalize every eval user with every method, score and write the report."""
     out = Path(out)
     task = get_task(cfg.task)
-    unknown = [m for m in cfg.methods if m not in METHODS]
-    if unknown or not cfg.methods:
-        raise MTAError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
     if cfg.limit_users is not None:
         bank_users, eval_users = bank_users[: cfg.limit_users], eval_users[: cfg.limit_users]
     eval_users = hold_out_items(task, eval_users, cfg.eval_holdout)

@@ -8,15 +8,31 @@ import os
 import sys
 from pathlib import Path
 
+from mta.config import (
+    BENCH_METHODS,
+    DEFAULT_EMBEDDER,
+    DEFAULT_MODEL,
+    AnchorConfig,
+    BankConfig,
+    BenchConfig,
+    Decoding,
+    FusionConfig,
+    LoraSpec,
+    PersonalizeConfig,
+    ServeConfig,
+    StackConfig,
+    anchor_training,
+)
 from mta.io import MTAError
+from mta.presets import preset
 
 
 def _quiet_hf() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail fast instead of retrying the network
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
     import warnings
+
+    from transformers.utils import logging as hf_logging
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation chatter from transformers/PEFT internals
     hf_logging.set_verbosity_error()
@@ -69,8 +85,6 @@ def _train_config(a, d):
 
 def _fusion_args(p: argparse.ArgumentParser, svd: bool = False) -> None:
     """Fusion flags; unset ones keep FusionConfig's defaults or the task's tuned ones."""
-    from mta.fusion import FusionConfig
-
     d = FusionConfig()
     p.add_argument("--k", type=int, help=f"anchors fused per user (default {d.k}, {TUNED})")
     p.add_argument("--weighting", choices=["normalized", "softmax"], help=f"default {d.weighting}, {TUNED}")
@@ -83,9 +97,6 @@ def _fusion_args(p: argparse.ArgumentParser, svd: bool = False) -> None:
 
 def _fusion_config(a, task_id: str, field: str = "fusion"):
     """`field`: "merge_only" for fusion without stacking, whose tuned settings may differ from MTA's."""
-    from mta.fusion import FusionConfig
-    from mta.presets import preset
-
     return _given(preset(FusionConfig(), task_id, field), k=a.k, weighting=a.weighting, temperature=a.temperature,
                   merge=a.merge, rank=getattr(a, "svd_rank", None), scale=a.fusion_scale)
 
@@ -96,16 +107,11 @@ def _decoding_args(p: argparse.ArgumentParser) -> None:
 
 
 def _decoding(a, task_id: str):
-    from mta.generation import Decoding
-    from mta.presets import preset
-
     return _given(preset(Decoding(), task_id, "decoding"), no_repeat_ngram=a.no_repeat_ngram)
 
 
 def _stack_args(p: argparse.ArgumentParser) -> None:
     """Stacked-LoRA flags; unset ones keep StackConfig's defaults or the task's tuned ones."""
-    from mta.stacking import StackConfig
-
     d = StackConfig()
     p.add_argument("--stack-rank", type=int, choices=[1, 2, 3, 4], help=f"default {d.rank}, {TUNED}")
     p.add_argument("--stack-top-layers", type=int, help=f"stacked LoRA on the top N decoder layers only (default "
@@ -133,18 +139,12 @@ def _bench_stack(a, field: str, d):
 
 
 def _stack_config(a, task_id: str):
-    from mta.presets import preset
-    from mta.stacking import StackConfig
-
     d = preset(StackConfig(), task_id, "stack")
     return _given(d, rank=a.stack_rank, top_layers=a.stack_top_layers, target_modules=a.stack_modules,
                   train=_train_config(a, d.train))
 
 
 def _bank_config(a, task_id: str):
-    from mta.bank import BankConfig, LoraSpec
-    from mta.presets import preset
-
     d = preset(BankConfig(task_id), task_id)
     return _given(d, base_model=a.model, embedding_model=a.embedder, lora=LoraSpec(rank=a.rank), num_retrieved=a.retrieve,
                   anchors=_given(d.anchors, num_clusters=a.num_clusters, min_history=a.min_history, mode=a.anchor_mode, seed=a.seed),
@@ -177,7 +177,6 @@ def cmd_personalize(a) -> None:
     from mta.bank import Bank
     from mta.data.lamp import find_user, load_users
     from mta.executors import run_personalize, store_folders
-    from mta.stacking import PersonalizeConfig
 
     bank = Bank.load(a.bank)
     users = load_users(a.user_data, bank.task)
@@ -260,9 +259,6 @@ def cmd_demo(a) -> None:
 
 
 def _bench_config(a, task_id: str):
-    from mta.bench import BenchConfig
-    from mta.presets import preset
-
     d = preset(BenchConfig(task_id), task_id)
     mp = a.mixed_precision
     return _given(d, base_model=a.model, embedding_model=a.embedder, methods=a.methods, limit_users=a.limit_users,
@@ -289,7 +285,7 @@ def cmd_serve(a) -> None:
     try:
         import uvicorn
 
-        from mta.serve.app import ServeConfig, create_app
+        from mta.serve.app import create_app
     except ImportError as e:
         raise MTAError(f"serving needs the serve extra ({e.name} is missing): pip install -e '.[serve]'") from None
     from mta.bank import Bank
@@ -328,10 +324,6 @@ def cmd_export(a) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mta.anchors import AnchorConfig
-    from mta.bank import anchor_training
-    from mta.models import DEFAULT_EMBEDDER, DEFAULT_MODEL
-
     p = argparse.ArgumentParser(prog="mta", description="Merge-then-Adapt personalized LLMs")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -347,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--min-history", type=int, help=f"default {d.min_history}, {TUNED}")
     b.add_argument("--anchor-mode", choices=["user", "cluster"], help=f"user: the paper's anchor user; cluster: pooled "
                    f"cluster histories (our extension); default {d.mode}, {TUNED}")
-    b.add_argument("--rank", type=int, default=8)
+    b.add_argument("--rank", type=int, default=LoraSpec().rank)
     b.add_argument("--retrieve", type=int, default=1, help="BM25 history items in each prompt")
     _train_args(b, anchor_training(), tuned=True)
     _model_args(b)
@@ -397,8 +389,6 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(d)
     d.set_defaults(fn=cmd_demo)
 
-    from mta.bench import METHODS, BenchConfig
-
     c = BenchConfig("LaMP-2")  # the library's defaults, shown in the help; unset flags take the task's preset
     r = sub.add_parser("bench", help="LaMP benchmark: MTA against six baselines, quality and cost side by side")
     r.add_argument("--task", required=True)
@@ -408,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--eval-fraction", type=float, default=1 / 3, help="with --data: share of users held out for eval")
     r.add_argument("--seed", type=int, default=0, help="with --data: seed of the split")
     r.add_argument("--out", required=True)
-    r.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    r.add_argument("--methods", nargs="+", choices=BENCH_METHODS, default=list(BENCH_METHODS))
     r.add_argument("--limit-users", type=int, default=None, help="quick check: at most N bank users and N eval users")
     r.add_argument("--bank-without-shared", action="store_true", help="leave out of the bank every bank user whose "
                    "history holds an item of an eval user (LaMP's users share movies and articles)")
@@ -438,10 +428,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, default=8000)
     _fusion_args(v)
     _stack_args(v)  # the LoRA trained by /adapt
-    v.add_argument("--max-batch", type=int, default=8, help="requests sharing one forward pass")
-    v.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond this get 503")
-    v.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
-    v.add_argument("--max-new-tokens", type=int, default=128, help="ceiling on a request's max_new_tokens")
+    sc = ServeConfig()
+    v.add_argument("--max-batch", type=int, default=sc.max_batch, help="requests sharing one forward pass")
+    v.add_argument("--max-queue", type=int, default=sc.max_queue, help="waiting requests beyond this get 503")
+    v.add_argument("--max-wait-ms", type=float, default=sc.max_wait_ms, help="how long a request waits for others to batch with")
+    v.add_argument("--max-new-tokens", type=int, default=sc.max_new_tokens, help="ceiling on a request's max_new_tokens")
     _decoding_args(v)
     v.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     v.add_argument("--log-level", default="info")

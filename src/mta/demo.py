@@ -10,13 +10,14 @@ import json
 import time
 from pathlib import Path
 
-from mta.bank import BankConfig, build_bank
+from mta.bank import build_bank
+from mta.config import DEFAULT_EMBEDDER, BankConfig, Decoding, PersonalizeConfig
 from mta.data.lamp import User, load_users
 from mta.data.synthetic import make_movie_tagging
-from mta.generation import Decoding, generate
-from mta.models import DEFAULT_EMBEDDER, load_base, load_embedder
+from mta.generation import generate
+from mta.models import load_base, load_embedder
 from mta.presets import preset
-from mta.stacking import PersonalizeConfig, base_of, personalize, save_user
+from mta.stacking import base_of, personalize, save_user
 from mta.tasks import get_task, query_prompt
 
 
@@ -67,12 +68,12 @@ def run_demo(out: Path, model_name: str, num_eval_users: int = 4, device: str | 
         golds += [q.gold for q in user.queries]
     base_m, mta_m = task.evaluate(base_preds, golds), task.evaluate(mta_preds, golds)
     print()
-    print(f"| user | gold | base model (+BM25 history) | MTA | anchors:weights | bytes stored |")
-    print(f"|---|---|---|---|---|---|")
+    print("| user | gold | base model (+BM25 history) | MTA | anchors:weights | bytes stored |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(str(x) for x in r) + " |")
     print()
-    print(f"| metric | base | MTA |\n|---|---|---|")
+    print("| metric | base | MTA |\n|---|---|---|")
     for k in base_m:
         print(f"| {k} | {base_m[k]:.3f} | {mta_m[k]:.3f} |")
     minutes = (time.perf_counter() - start) / 60

@@ -15,11 +15,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from mta.bank import Bank, BankConfig, anchor_examples, build_bank, finalize_bank, pending_anchors, plan_bank, train_anchor
+from mta.bank import Bank, anchor_examples, build_bank, finalize_bank, pending_anchors, plan_bank, train_anchor
+from mta.config import BankConfig, PersonalizeConfig
 from mta.data.lamp import User, check_user_id, require_profile
 from mta.io import MTAError
 from mta.models import load_base, load_embedder, model_signature, resolve_model_path
-from mta.stacking import PersonalizeConfig, UserRecord, base_of, personalize, save_user
+from mta.stacking import UserRecord, base_of, personalize, save_user
 
 EXECUTORS = ("local", "ray")
 

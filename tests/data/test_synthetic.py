@@ -1,6 +1,6 @@
+import json
 from collections import Counter
 from pathlib import Path
-import json
 
 import pytest
 

@@ -9,16 +9,16 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
+from conftest import snapshot
 from fastapi.testclient import TestClient
 
-from conftest import snapshot
+from mta.config import ServeConfig, StackConfig, TrainConfig
 from mta.generation import generate
 from mta.models import load_base
-from mta.serve.app import Batcher, ServeConfig, create_app
+from mta.serve.app import Batcher, create_app
 from mta.serve.store import UserStore
-from mta.stacking import StackConfig, fused_adapter, with_adapters
+from mta.stacking import fused_adapter, with_adapters
 from mta.tasks import get_task, query_prompt
-from mta.training import TrainConfig
 
 TASK = get_task("LaMP-2")
 FAST_STACK = StackConfig(rank=2, train=TrainConfig(epochs=1, batch_size=4, max_length=128, learning_rate=1e-2))

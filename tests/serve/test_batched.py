@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-
 from conftest import logits
+
 from mta.adapters import LoraWeights
+from mta.config import Decoding
 from mta.fusion import plan_fusion
-from mta.generation import Decoding, generate
+from mta.generation import generate
 from mta.models import load_base
 from mta.serve.batched import LRUCache, PerRowLora, Row, generate_rows
 from mta.stacking import UserRecord, load_personalized, save_user, user_adapters, with_adapters

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from mta.adapters import LoraWeights
+from mta.data.lamp import check_user_id
 from mta.fusion import FusionRecord
 from mta.io import MTAError
-from mta.data.lamp import check_user_id
 from mta.serve.store import StaleUserError, UserStore
 from mta.stacking import UserRecord
 

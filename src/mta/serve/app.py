@@ -30,34 +30,16 @@ from pydantic import BaseModel, Field
 
 from mta.adapters import LoraWeights, extract
 from mta.bank import Bank
+from mta.config import ServeConfig
 from mta.data.lamp import USER_ID_PATTERN, User
 from mta.embedding import profile_embedding
-from mta.fusion import FusionConfig, plan_fusion
-from mta.generation import Decoding
+from mta.fusion import plan_fusion
 from mta.io import MTAError
 from mta.serve.batched import LRUCache, PerRowLora, Row, RowOutput, generate_rows
 from mta.serve.store import StoredUser, UserStore
-from mta.stacking import STACK, PersonalizeConfig, StackConfig, UserRecord, base_of, fused_adapter, personalize
+from mta.stacking import STACK, PersonalizeConfig, UserRecord, base_of, fused_adapter, personalize
 from mta.tasks import query_prompt
 from mta.training import fit, prompt_ids
-
-
-@dataclass
-class ServeConfig:
-    fusion: FusionConfig = field(default_factory=FusionConfig)
-    stack: StackConfig = field(default_factory=StackConfig)
-    num_retrieved: int | None = None  # history items retrieved into each prompt; None: the bank's setting
-    decoding: Decoding = field(default_factory=Decoding)
-    max_batch: int = 8
-    max_queue: int = 64  # rows waiting beyond this answer 503
-    max_wait_ms: float = 5.0  # how long a lone row waits for company before running
-    max_new_tokens: int = 128  # ceiling on a request's max_new_tokens
-    max_prompt_tokens: int = 384  # longer prompts lose their middle (mta.training.fit), as in training
-    max_input_chars: int = 8_000  # longer inputs answer 413
-    max_profile_items: int = 1_000
-    max_body_bytes: int = 2 << 20
-    cache_size: int = 256  # prepared adapters kept in memory
-    keep_finished_jobs: int = 1_000  # finished adapt jobs still answered by GET /v1/jobs/{id}
 
 
 class GenerateRequest(BaseModel):

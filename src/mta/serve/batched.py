@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from mta.adapters import LoraWeights, check_fits
-from mta.generation import Decoding
+from mta.config import Decoding
+from mta.generation import rules as decoding_rules
 
 Factors = dict[str, tuple[Tensor, Tensor]]  # module path → (Aᵀ [in, r], Bᵀ [r, out]), in the model's dtype and device
 T = TypeVar("T")
@@ -145,7 +146,7 @@ def generate_rows(lora: PerRowLora, rows: list[Row], pad_token_id: int, eos_toke
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     outputs = [RowOutput([], False) for _ in rows]
     done = [r.max_new_tokens <= 0 for r in rows]
-    rules = decoding.rules(0)
+    rules = decoding_rules(decoding, 0)
     generated = torch.empty((n, 0), dtype=torch.long, device=lora.device)  # every row starts together: one column a step
     cache = None
     with lora.rows([r.adapter for r in rows]):
