@@ -2,8 +2,10 @@
 
 The tuning users come out of the benchmark's *bank* users (same seeded split as benchmarks/run_lamp.sh),
 so the benchmark's eval users are never seen here. A tuning bank is built from the remaining bank users.
-Each tuning user answers its own query plus its last `--holdout` profile items, which are removed from
-its profile first: three scored answers per personalization instead of one, at the same training cost.
+Each trial scores the history-size protocol of `mta bench --history-sizes` (`--history-sizes`, default 2,4,8):
+every tuning user personalized from n of their profile items and asked their query and every other item; a
+trial's score pools the answers of every size. (Stages before the hs-* ones ran an older protocol: each user's
+query plus their last 2 profile items; their results are kept in the report as they were.)
 
 Stages run in order (coordinate descent); each stage starts from the winners of the stages before it
 (a stage not run now contributes the winner saved in the report). A winner is the trial with the best
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from mta.bank import build_bank
-from mta.bench import METHODS, bank_config, hold_out_items, linked_groups, run_bench, split_users
+from mta.bench import METHODS, bank_config, linked_groups, run_bench, split_users
 from mta.config import AnchorConfig, BenchConfig, Decoding, FusionConfig, StackConfig, TrainConfig
 from mta.data.lamp import User, load_users
 from mta.io import atomic_write_bytes, atomic_write_json
@@ -110,6 +112,11 @@ def _merge_only_scale(scale: float) -> Override:
 
 def _bank_train(epochs: float, lr: float) -> Override:
     return lambda c: replace(c, bank_train=replace(c.bank_train, epochs=epochs, learning_rate=lr))
+
+
+def _adapt(adapt: str, k: int, **more) -> Override:
+    """MTA's fusion per user (FusionConfig.adapt) at k anchors; merge-only keeps the planned fusion."""
+    return lambda c: replace(c, fusion=replace(c.fusion, adapt=adapt, k=k, **more))
 
 
 def _no_repeat(n: int) -> Override:
@@ -238,10 +245,21 @@ STAGES: dict[str, tuple[str | tuple[str, ...], list[tuple[str, Override]]]] = {
     # the baselines without a bank, at their tuned settings: a user's answers do not depend on the folds, so these
     # equal their cv-* scores, on the answers the fused methods are scored on here
     "apart-baselines": (("per-user-lora", "stack-only", "rag", "base"), [("as-tuned", lambda c: c)]),
+    # From here (HS) every trial scores the history-size protocol on two folds per task (LaMP-4's apart: no fold bank
+    # holds an item of its tuning users). MTA's two parts at their tuned settings first: the bar MTA has to clear.
+    "hs-parts": (("merge-only", "stack-only"), [("as-tuned", lambda c: c)]),
+    # Per-user fusion (mta.fusion_weights): the planned weights as they are (today's, first), k and strength picked by
+    # the user's own leave-one-out loss, or the weights learned with the stack (per anchor; per anchor and layer)
+    "hs-fusion": ("mta", [("fixed-k1", lambda c: c), ("fixed-k2", _adapt("fixed", 2)), ("fixed-k4", _adapt("fixed", 4)),
+                          ("pick-k1", _adapt("pick", 1)), ("pick-k2", _adapt("pick", 2)), ("pick-k4", _adapt("pick", 4)),
+                          ("pick-any", _adapt("pick", 1, pick_k=[1, 2, 4])),
+                          ("learn-k1", _adapt("learn", 1)), ("learn-k2", _adapt("learn", 2)), ("learn-k4", _adapt("learn", 4)),
+                          ("layer-k1", _adapt("learn-layer", 1)), ("layer-k2", _adapt("learn-layer", 2)),
+                          ("layer-k4", _adapt("learn-layer", 4))]),
 }
 
 
-def tuning_folds(task_id: str, data: Path, eval_fraction: float, n: int, holdout: int, seed: int = 0,
+def tuning_folds(task_id: str, data: Path, eval_fraction: float, n: int, seed: int = 0,
                  apart: bool = False) -> list[tuple[list[User], list[User]]]:
     """[(tuning-bank users, tuning users)] per fold: n tuning users each, all from the benchmark's bank users (never
     its eval users), the rest of them the fold's bank. Fold 0 holds the tuning users of every stage; the folded
@@ -260,16 +278,26 @@ def tuning_folds(task_id: str, data: Path, eval_fraction: float, n: int, holdout
         order = random.Random(seed + 1).sample(range(len(bank_users)), len(bank_users))  # its first n: fold 0, as before
         picked = [set(order[f * n:(f + 1) * n]) for f in range(len(bank_users) // n)]
     return [([u for i, u in enumerate(bank_users) if i not in p],
-             hold_out_items(task, [u for i, u in enumerate(bank_users) if i in p], holdout)) for p in picked]
+             [u for i, u in enumerate(bank_users) if i in p]) for p in picked]
 
 
+HS = {"hs-parts", "hs-fusion"}  # on the first two folds of each task: LaMP-2's tuning_folds, LaMP-4's apart ones
+HS_APART = {"LaMP-4"}
 BUDGETED = {"mta-cached", "mta-bf16", "task-mta", "task-mta-modules", "cv-mta", "cv-mta-steps"}
 APART = {"apart-merge-only", "apart-fusion", "apart-mta", "apart-recipe", "apart-baselines"}  # on tuning_folds(apart=True)
 # stage: the tasks it runs on, over all their folds
 FOLDED = {s: ("LaMP-4",) for s in ["cv-per-user-lora", "cv-mta", "cv-mta-steps", "cv-bank", "cv-mta-stack",
                                    "cv-merge-only", "cv-recipe", "cv-stack-only", *APART]}
+FOLDED.update({s: ("LaMP-2", "LaMP-4") for s in HS})
 PER_TASK = {"task-per-user-lora", "task-stack-only", "task-mta", "task-recipe", "task-bank", "task-mta-modules",
             "task-anchors", "task-fusion-scale", "task-merge-only-scale", "task-decoding", *FOLDED}
+
+
+def bank_folder(stage: str, task: str, fold: int) -> str:
+    """Where a fold's tuning bank lives: folds of the same users share it across stages."""
+    if stage in APART or (stage in HS and task in HS_APART):
+        return f"banks-apart-fold{fold}"
+    return "banks" if fold == 0 else f"banks-fold{fold}"
 
 
 # the settings that shape a trained adapter, and those each method's result depends on: a later stage may change
@@ -303,10 +331,10 @@ FRESH: set[Path] = set()  # results this process wrote: timed by this code
 
 
 def run_trial(cfg: BenchConfig, method: str, bank_users: list[User], tune_users: list[User], out: Path,
-              banks: Path, cached_only: bool = False, timed: bool = False) -> dict:
+              banks: Path, sizes: list[int], cached_only: bool = False, timed: bool = False) -> dict:
     """`timed`: reuse only this trial's own result, or one this process ran, not an equal one run earlier (perhaps by
     slower code). A result is reused only for the same settings on the same tuning users."""
-    cfg = replace(cfg, methods=[method])
+    cfg = replace(cfg, methods=[method], history_sizes=sizes, full_profile=False)
     settings = {k: v for k, v in _plain(cfg).items() if k not in UNUSED[method]}
     default = _plain(BenchConfig(cfg.task, methods=[method]))
     users = [u.user_id for u in tune_users]
@@ -330,17 +358,28 @@ def run_trial(cfg: BenchConfig, method: str, bank_users: list[User], tune_users:
     return run_bench(cfg, bank_users, tune_users, out, bank_dir, {"tuning": True}, progress=False)
 
 
+def _score(r: dict, method: str) -> dict:
+    """One trial result's main metric over all its answers (every history size's), the seconds it took to personalize
+    a user (at every size), and the main metric per size."""
+    main = r["main_metric"]
+    blocks = r["history_sizes"]
+    answers = sum(b["n_answers"] for b in blocks.values())
+    return {"main": sum(b["methods"][method][main] * b["n_answers"] for b in blocks.values()) / answers, "n_answers": answers,
+            "train_seconds_per_user": sum(b["methods"][method]["train_seconds_per_user"] for b in blocks.values()),
+            "by_size": {n: b["methods"][method][main] for n, b in sorted(blocks.items(), key=lambda kv: int(kv[0]))}}
+
+
 def pooled(results: list[dict], method: str, folds: list[tuple[list[User], list[User]]]) -> dict:
     """One score over the folds' results: the main metric over all their answers, train time over all their users
     (one fold's result: all its figures)."""
-    if len(results) == 1:
-        r = results[0]
-        return {**r["methods"][method], "main": r["methods"][method][r["main_metric"]]}
-    answers, users = [sum(len(u.queries) for u in tune) for _, tune in folds], [len(tune) for _, tune in folds]
-    main = sum(r["methods"][method][r["main_metric"]] * n for r, n in zip(results, answers)) / sum(answers)
-    train = sum(r["methods"][method]["train_seconds_per_user"] * n for r, n in zip(results, users)) / sum(users)
-    return {"main": main, "train_seconds_per_user": train, "n_eval_answers": sum(answers),
-            "folds": [r["methods"][method][r["main_metric"]] for r in results]}
+    scores = [_score(r, method) for r in results]
+    if len(scores) == 1:
+        return scores[0]
+    answers, users = [s["n_answers"] for s in scores], [len(tune) for _, tune in folds]
+    return {"main": sum(s["main"] * n for s, n in zip(scores, answers)) / sum(answers), "n_answers": sum(answers),
+            "train_seconds_per_user": sum(s["train_seconds_per_user"] * n for s, n in zip(scores, users)) / sum(users),
+            "by_size": {k: sum(s["by_size"][k] * n for s, n in zip(scores, answers)) / sum(answers) for k in scores[0]["by_size"]},
+            "folds": [s["main"] for s in scores]}
 
 
 def _apply_winner(cfgs: dict[str, BenchConfig], trials: list[tuple[str, Override]], stage: dict) -> dict[str, BenchConfig]:
@@ -355,17 +394,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/tune")
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
-    p.add_argument("--holdout", type=int, default=2)
+    p.add_argument("--history-sizes", type=lambda t: [int(x) for x in t.split(",")], default=[2, 4, 8])
     p.add_argument("--report", default=str(ROOT / "benchmarks" / "results" / "tuning"))
     p.add_argument("--cached-only", action="store_true", help="rewrite the report from finished trials, run nothing")
     a = p.parse_args()
     out, report_json = Path(a.out), Path(a.report + ".json")
     saved = json.loads(report_json.read_text())["stages"] if report_json.exists() else {}
-    folds = {t: tuning_folds(t, f, frac, n, a.holdout) for t, f, frac, n in TASKS}
-    apart = {t: tuning_folds(t, f, frac, n, a.holdout, apart=True) for t, f, frac, n in TASKS
-             if any(t in FOLDED[s] for s in APART)}
+    folds = {t: tuning_folds(t, f, frac, n) for t, f, frac, n in TASKS}
+    apart = {t: tuning_folds(t, f, frac, n, apart=True) for t, f, frac, n in TASKS
+             if any(t in FOLDED[s] for s in APART) or t in HS_APART}
     cfgs = {t: before_tuning(t) for t, *_ in TASKS}  # each stage's winner is applied before the next stage
-    report: dict = {"holdout": a.holdout, "tuning_users": {t: [u.user_id for u in f[0][1]] for t, f in folds.items()},
+    report: dict = {"history_sizes": a.history_sizes, "tuning_users": {t: [u.user_id for u in f[0][1]] for t, f in folds.items()},
                     "folds": {t: [[u.user_id for u in tune] for _, tune in f] for t, f in folds.items()},
                     "folds_apart": {t: [[u.user_id for u in tune] for _, tune in f] for t, f in apart.items()}, "stages": {}}
     for stage, (method, trials) in STAGES.items():
@@ -378,9 +417,12 @@ def main() -> None:
         timed = stage in BUDGETED
         if timed:  # the reference: the per-user LoRA's current setting, timed by the same code
             trials = [("_per-user-lora", lambda c: c), *trials]
-        used = ({t: f for t, f in (apart if stage in APART else folds).items() if t in FOLDED[stage]} if stage in FOLDED
-                else {t: f[:1] for t, f in folds.items()})
-        banks = "banks-apart-fold{}".format if stage in APART else lambda f: "banks" if f == 0 else f"banks-fold{f}"
+        if stage in HS:
+            used = {t: (apart[t] if t in HS_APART else f)[:2] for t, f in folds.items()}
+        elif stage in FOLDED:
+            used = {t: f for t, f in (apart if stage in APART else folds).items() if t in FOLDED[stage]}
+        else:
+            used = {t: f[:1] for t, f in folds.items()}
         for name, override in trials:
             for task, task_folds in used.items():
                 cfg = override(cfgs[task])
@@ -390,7 +432,7 @@ def main() -> None:
                     start = time.perf_counter()
                     folder = out / task / stage / (name if len(by) == 1 else f"{name}-{m}")
                     results = [run_trial(cfg, m, bank_users, tune_users, folder / f"fold{f}" if stage in FOLDED else folder,
-                                         out / task / banks(f), a.cached_only, timed)
+                                         out / task / bank_folder(stage, task, f), a.history_sizes, a.cached_only, timed)
                                for f, (bank_users, tune_users) in enumerate(task_folds)]
                     per_method[m] = pooled(results, m, task_folds)
                     print(f"[{stage}] {task} {name} {m}: {results[0]['main_metric']}={per_method[m]['main']:.4f} train "
@@ -434,7 +476,9 @@ def markdown(report: dict) -> str:
     lines = ["# Tuning sweep (benchmarks/tune.py)", "",
              "Tuning users (drawn from the benchmark's bank users; eval users never seen): "
              + "; ".join(f"{t}: {len(ids)}" for t, ids in report["tuning_users"].items())
-             + f". Each answers its query plus its last {report['holdout']} profile items (removed from its profile).", ""]
+             + f". Each trial scores the history-size protocol at sizes {report['history_sizes']} (every tuning user "
+             "personalized from n profile items, asked their query and every other item); the stages before hs-* scored "
+             "each user's query plus their last 2 profile items (removed from their profile).", ""]
     folded = sorted({t for stage in report["stages"] if stage in FOLDED for t in FOLDED[stage]})
     if folded:
         lines += ["The cv-* stages score each trial on all of a task's bank users, in folds (fold 0: the tuning users "
@@ -465,6 +509,11 @@ def markdown(report: dict) -> str:
             lines += ["", "| trial | task | " + " | ".join(s["method"]) + " |", "|---|---|" + "---|" * len(s["method"])]
             lines += [f"| {name} | {t} | " + " | ".join(f"{per_task[t]['methods'][m]:.4f}" for m in s["method"]) + " |"
                       for name, per_task in s["trials"].items() for t in tasks]
+        if any("by_size" in per_task[t] for per_task in s["trials"].values() for t in tasks):
+            lines += ["", "| trial | task | " + " | ".join(f"n = {n}" for n in report["history_sizes"]) + " |",
+                      "|---|---|" + "---|" * len(report["history_sizes"])]
+            lines += [f"| {name} | {t} | " + " | ".join(f"{per_task[t]['by_size'][str(n)]:.4f}" for n in report["history_sizes"]) + " |"
+                      for name, per_task in s["trials"].items() for t in tasks if "by_size" in per_task[t]]
         if stage in FOLDED:
             lines += ["", "Per fold: " + "; ".join(f"{name} " + " / ".join(f"{x:.4f}" for x in per_task[t]["folds"])
                                                   for name, per_task in s["trials"].items() for t in tasks) + "."]

@@ -15,7 +15,9 @@ from mta.io import MTAError
     lambda: TrainConfig(mixed_precision="fp8"), lambda: LoraSpec(rank=0), lambda: AnchorConfig(num_clusters=0),
     lambda: AnchorConfig(mode="paper"), lambda: StackConfig(rank=0), lambda: StackConfig(top_layers=0),
     lambda: StackConfig(target_modules="all-linear"), lambda: BenchConfig("LaMP-2", methods=["nope"]),
-    lambda: BenchConfig("LaMP-2", methods=[]), lambda: BenchConfig("LaMP-2", eval_holdout=-1),
+    lambda: BenchConfig("LaMP-2", methods=[]), lambda: BenchConfig("LaMP-2", history_sizes=[0]),
+    lambda: BenchConfig("LaMP-2", history_sizes=[2, 2]), lambda: BenchConfig("LaMP-2", bank_fractions=[1.5]),
+    lambda: BenchConfig("LaMP-2", full_profile=False),
 ])
 def test_bad_settings_are_refused_with_one_line(make):
     with pytest.raises(MTAError) as e:

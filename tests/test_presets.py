@@ -30,12 +30,17 @@ def test_shipped_presets_name_real_settings(task_id):
         assert _at(tuned, path) == value
 
 
+def _recorded(got, saved):
+    """`got` cut down to the fields `saved` records: a setting added to the code after a sweep has no tuned value."""
+    return {k: _recorded(got[k], v) for k, v in saved.items()} if isinstance(saved, dict) else got
+
+
 def test_presets_are_what_tuning_found():
     """Every tuned setting in benchmarks/results/tuning.json, default or preset, is what a task gets."""
     report = json.loads((Path(__file__).parent.parent / "benchmarks" / "results" / "tuning.json").read_text())
     for task_id, settings in report["settings"].items():
         got = dataclasses.asdict(presets.preset(BenchConfig(task_id), task_id))
-        assert {k: got[k] for k in settings} == settings
+        assert _recorded(got, settings) == settings
 
 
 @pytest.fixture

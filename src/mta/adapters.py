@@ -111,6 +111,12 @@ class LoraWeights:
             atomic_save_tensors(tmp / "adapter_model.safetensors", w.peft_state_dict())
 
 
+def save_adapter(model: PeftModel, folder: str | Path, **kwargs) -> None:
+    """PEFT's save_pretrained without the model card it writes beside the weights: nothing that serves reads it."""
+    model.save_pretrained(folder, **kwargs)
+    (Path(folder) / "README.md").unlink(missing_ok=True)
+
+
 def check_fits(model: nn.Module, weights: LoraWeights, what: str = "adapter") -> dict[str, nn.Linear]:
     """A clear error instead of PEFT's shape mismatch deep inside load_state_dict; returns the base linear layers."""
     mods = dict(model.named_modules())

@@ -24,7 +24,7 @@ from peft import get_peft_model
 from tqdm.auto import tqdm
 
 from mta import __version__
-from mta.adapters import LoraWeights
+from mta.adapters import LoraWeights, save_adapter
 from mta.anchors import Anchor, select_anchors
 from mta.config import BankConfig
 from mta.data.lamp import User
@@ -83,7 +83,7 @@ def train_anchor(model, tokenizer, anchor: Anchor, index: int, examples: list[Ex
     stats = train(pm, tokenizer, examples, dataclasses.replace(cfg.train, seed=cfg.train.seed + index),
                   desc=f"{anchor.id} ({len(examples)} examples)", progress=progress)
     with atomic_dir(Path(out) / "anchors" / anchor.id) as tmp:
-        pm.save_pretrained(tmp)
+        save_adapter(pm, tmp)
         atomic_write_json(tmp / "mta_anchor.json", {"id": anchor.id, "user_ids": anchor.user_ids, "num_examples": len(examples),
                                                     "train_seconds": round(stats["seconds"], 2), "steps": stats["steps"],
                                                     "final_loss": stats["losses"][-1], "tokens": stats["tokens"]})
@@ -117,8 +117,11 @@ def finalize_bank(out: str | Path, anchors: list[Anchor], cfg: BankConfig, signa
 
 def build_bank(users: list[User], out: str | Path, cfg: BankConfig, model=None, tokenizer=None, embedder=None,
                progress: bool = True) -> "Bank":
-    """Plan, train every anchor not yet on disk, then write the manifest."""
+    """Plan, train every anchor not yet on disk, then write the manifest; a finished bank of these settings and data
+    is loaded as it is (a rewritten manifest would change its fingerprint)."""
     anchors = plan_bank(users, out, cfg, embedder, progress)
+    if (Path(out) / "manifest.json").exists():
+        return Bank.load(out)
     if model is None:
         model, tokenizer = load_base(cfg.base_model)
     users_by_id = {u.user_id: u for u in users}
@@ -177,6 +180,12 @@ class Bank:
                 raise MTAError(f"{folder / 'adapter_model.safetensors'} does not match the bank manifest (changed or corrupt)")
             self._cache[anchor_id] = LoraWeights.from_peft_dir(folder)
         return self._cache[anchor_id]
+
+    def serving_bytes(self) -> int:
+        """What serving reads: the manifest, the anchor embeddings and each anchor's adapter (config and weights)."""
+        files = [self.path / "manifest.json", self.path / "anchors.safetensors"]
+        files += [self.path / "anchors" / a / f for a in self.anchor_ids for f in ("adapter_config.json", "adapter_model.safetensors")]
+        return sum(f.stat().st_size for f in files)
 
     def check_model(self, model) -> None:
         sig, want = model_signature(model), self.manifest["base_signature"]

@@ -67,6 +67,20 @@ def _given(config, **flags):
 TUNED = "or the task's tuned value (mta.presets)"
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 2,4,8; got {text!r}") from None
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 0.25,0.5,1; got {text!r}") from None
+
+
 def _train_args(p: argparse.ArgumentParser, d, tuned: bool = False) -> None:
     """Training flags; unset ones keep `d`'s values (and, with `tuned`, the task's preset)."""
     more = f", {TUNED}" if tuned else ""
@@ -91,14 +105,23 @@ def _fusion_args(p: argparse.ArgumentParser, svd: bool = False) -> None:
     p.add_argument("--temperature", type=float, help=f"softmax weighting (default {d.temperature}, {TUNED})")
     p.add_argument("--merge", choices=["exact", "linear", "svd", "recipe"], help=f"default {d.merge}, {TUNED}")
     p.add_argument("--fusion-scale", type=float, help=f"the fused weights' sum (default {d.scale}, {TUNED})")
+    p.add_argument("--fusion-adapt", choices=["fixed", "pick", "learn", "learn-layer"], help="per user: fixed weights; pick k "
+                   "and scale by the loss on the user's examples; learn the weights with the stack (per anchor, or per anchor "
+                   f"and layer) (default {d.adapt}, {TUNED})")
+    p.add_argument("--pick-k", type=_int_list, metavar="K,K,...", help="--fusion-adapt pick: the k to try (default: --k alone)")
+    p.add_argument("--pick-scale", type=_float_list, metavar="S,S,...",
+                   help=f"--fusion-adapt pick: the scales to try (default {','.join(f'{x:g}' for x in d.pick_scale)})")
+    p.add_argument("--learn-lr", type=float, help=f"--fusion-adapt learn*: the weights' learning rate (default {d.learn_lr:g}, {TUNED})")
     if svd:
         p.add_argument("--svd-rank", type=int, default=None)
 
 
-def _fusion_config(a, task_id: str, field: str = "fusion"):
-    """`field`: "merge_only" for fusion without stacking, whose tuned settings may differ from MTA's."""
+def _fusion_config(a, task_id: str, field: str = "fusion", per_user: bool = True):
+    """`field`: "merge_only" for fusion without stacking, whose tuned settings may differ from MTA's. `per_user=False`
+    leaves the per-user fusion flags out (bench's merge-only: the planned fusion, MTA's first part)."""
+    adaptive = dict(adapt=a.fusion_adapt, pick_k=a.pick_k, pick_scale=a.pick_scale, learn_lr=a.learn_lr) if per_user else {}
     return _given(preset(FusionConfig(), task_id, field), k=a.k, weighting=a.weighting, temperature=a.temperature,
-                  merge=a.merge, rank=getattr(a, "svd_rank", None), scale=a.fusion_scale)
+                  merge=a.merge, rank=getattr(a, "svd_rank", None), scale=a.fusion_scale, **adaptive)
 
 
 def _decoding_args(p: argparse.ArgumentParser) -> None:
@@ -262,11 +285,12 @@ def _bench_config(a, task_id: str):
     d = preset(BenchConfig(task_id), task_id)
     mp = a.mixed_precision
     return _given(d, base_model=a.model, embedding_model=a.embedder, methods=a.methods, limit_users=a.limit_users,
-                  eval_holdout=a.eval_holdout, bank_without_shared=a.bank_without_shared or None, decoding=_decoding(a, task_id),
+                  history_sizes=a.history_sizes, bank_fractions=a.bank_fractions, full_profile=False if a.no_full_profile else None,
+                  bank_without_shared=a.bank_without_shared or None, decoding=_decoding(a, task_id),
                   anchors=_given(d.anchors, num_clusters=a.num_clusters, mode=a.anchor_mode),
                   bank_train=_given(d.bank_train, epochs=a.bank_epochs, learning_rate=a.bank_lr, mixed_precision=mp),
                   user_lora_train=_given(d.user_lora_train, epochs=a.lora_epochs, learning_rate=a.lora_lr, mixed_precision=mp),
-                  fusion=_fusion_config(a, task_id), merge_only=_fusion_config(a, task_id, "merge_only"),
+                  fusion=_fusion_config(a, task_id), merge_only=_fusion_config(a, task_id, "merge_only", per_user=False),
                   stack=_bench_stack(a, "stack", d.stack), stack_only=_bench_stack(a, "stack_only", d.stack_only),
                   recipe_stack=_bench_stack(a, "recipe_stack", d.recipe_stack))
 
@@ -402,8 +426,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--limit-users", type=int, default=None, help="quick check: at most N bank users and N eval users")
     r.add_argument("--bank-without-shared", action="store_true", help="leave out of the bank every bank user whose "
                    "history holds an item of an eval user (LaMP's users share movies and articles)")
-    r.add_argument("--eval-holdout", type=int, metavar="N", help="also score each eval user on their last N profile items, "
-                   f"removed from their profile first: N more answers per user (default {c.eval_holdout}: the query alone)")
+    r.add_argument("--history-sizes", type=_int_list, metavar="N,N,...", help="history-size curves: per size n, every eval "
+                   "user personalized from n of their profile items (seeded; the same for every method) and scored on "
+                   "their query and every other profile item, e.g. 2,4,8")
+    r.add_argument("--bank-fractions", type=_float_list, metavar="F,F,...", help="bank-size curve: banks from nested "
+                   "seeded shares of the bank users, e.g. 0.25,0.5,1; the methods with a bank run on each at the smallest "
+                   "history size (or the full profile), the others once")
+    r.add_argument("--no-full-profile", action="store_true", help="skip LaMP's own protocol (whole profile, query alone) "
+                   "and run the history sizes only")
     r.add_argument("--reuse-bank", default=None, help="a finished bank folder (e.g. an earlier run's OUT/bank) instead of building one")
     r.add_argument("--model", default=c.base_model)
     r.add_argument("--embedder", default=c.embedding_model)
@@ -413,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--bank-lr", type=float, help=f"default {c.bank_train.learning_rate}, {TUNED}")
     r.add_argument("--lora-epochs", type=float, help=f"per-user-lora baseline (default {c.user_lora_train.epochs}, {TUNED})")
     r.add_argument("--lora-lr", type=float, help=f"per-user-lora baseline (default {c.user_lora_train.learning_rate}, {TUNED})")
-    _fusion_args(r)  # mta and merge-only alike
+    _fusion_args(r)  # mta and merge-only alike, but the per-user ones (--fusion-adapt ...) mta alone
     _bench_stack_args(r, "stack", c.stack, "mta")
     _bench_stack_args(r, "stack_only", c.stack_only, "stack-only baseline")
     _bench_stack_args(r, "recipe_stack", c.recipe_stack, "recipe baseline")

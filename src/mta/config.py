@@ -130,12 +130,33 @@ class FusionConfig:
     # the weights sum to `scale` (task arithmetic's λ): below 1 the user starts nearer the base model
     # (exact and svd scale ΔW by it; linear, which scales A and B alike, by its square)
     scale: float = 1.0
+    # Per user (mta.fusion_weights): "fixed" takes the planned weights as they are; "pick" chooses k and scale from
+    # pick_k × pick_scale by the loss on the user's own leave-one-out examples (forward passes only); "learn" trains
+    # one weight per anchor with the stacked LoRA, "learn-layer" one per anchor and stacked layer. Learned weights
+    # live on the stacked layers only: below them the planned weights stay, so training keeps entering at the first
+    # stacked layer with the rest of the fused adapter folded into W.
+    adapt: Literal["fixed", "pick", "learn", "learn-layer"] = "fixed"
+    pick_k: list[int] | None = None  # None: k alone
+    pick_scale: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
+    learn_lr: float = 0.05  # Adam moves each weight by about this much per step
+    learn_decay: float = 0.0  # AdamW's decay of the learned change, i.e. a pull back toward the planned weights
 
     def __post_init__(self):
         at_least("k (anchors fused)", self.k, 1)
         positive("softmax temperature", self.temperature)
         positive("fusion scale", self.scale)
         require(self.rank is None or (isinstance(self.rank, int) and self.rank >= 1), f"svd rank must be at least 1, got {self.rank!r}")
+        require(self.adapt in ("fixed", "pick", "learn", "learn-layer"),
+                f"unknown fusion adapt {self.adapt!r}; use fixed, pick, learn or learn-layer")
+        for k in self.pick_k or []:
+            at_least("a picked k", k, 1)
+        require(bool(self.pick_scale), "pick_scale needs at least one scale")
+        for s in self.pick_scale:
+            positive("a picked scale", s)
+        positive("learned weights' learning rate", self.learn_lr)
+        require(math.isfinite(self.learn_decay) and self.learn_decay >= 0, f"learn decay must be >= 0, got {self.learn_decay!r}")
+        require(not self.adapt.startswith("learn") or self.merge == "exact",
+                f"learned fusion weights need the exact merge (ΔW linear in the weights), not {self.merge!r}")
 
 
 @dataclass
@@ -159,13 +180,16 @@ class StackConfig:
                 f"stack target_modules {self.target_modules!r} cannot be limited to the top layers (a PEFT rule); "
                 "name the modules, e.g. ['q_proj', 'v_proj'], or set top_layers=None")
 
+    def layers(self, num_layers: int) -> list[int]:
+        """The decoder layers the stacked LoRA adapts: the top `top_layers`, or every one (None, or more than there are)."""
+        return list(range(max(0, num_layers - (self.top_layers or num_layers)), num_layers))
+
     def peft_config(self, num_layers: int):
-        """`top_layers` beyond the model's depth means every layer."""
         from peft import LoraConfig
 
-        layers = None if self.top_layers is None else list(range(max(0, num_layers - self.top_layers), num_layers))
         return LoraConfig(r=self.rank, lora_alpha=self.alpha or self.rank, target_modules=self.target_modules,
-                          layers_to_transform=layers, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+                          layers_to_transform=None if self.top_layers is None else self.layers(num_layers), lora_dropout=0.0,
+                          bias="none", task_type="CAUSAL_LM")
 
 
 @dataclass
@@ -220,9 +244,16 @@ class BenchConfig:
     # recipe: the published rank-4 stack; its schedule is tuned for it on its own (the task-recipe stage)
     recipe_stack: StackConfig = field(default_factory=lambda: StackConfig(rank=4))
     limit_users: int | None = None  # a quick check: at most this many bank users and eval users
-    # more answers per eval user: their last N profile items, removed from their profile first, are scored too
-    # (0: the query alone, LaMP's protocol)
-    eval_holdout: int = 0
+    # LaMP's own protocol: every eval user personalized from their whole profile, scored on their query
+    full_profile: bool = True
+    # history-size curves: per size n, every eval user personalized from n of their profile items (a seeded choice,
+    # the same for every method, the smaller sizes' items among the larger ones') and scored on their query and
+    # every other profile item (mta.bench.history_split)
+    history_sizes: list[int] = field(default_factory=list)
+    history_seed: int = 0
+    # bank-size curve: banks from nested seeded shares of the bank users; the methods with a bank run on each at the
+    # smallest history size (or the full profile), the others once (mta.bench.bank_subsets)
+    bank_fractions: list[float] = field(default_factory=list)
     # build the bank without the bank users who share an item with an eval user (mta.bench.without_shared_items)
     bank_without_shared: bool = False
 
@@ -232,7 +263,13 @@ class BenchConfig:
         at_least("retrieved history items", self.num_retrieved, 0)
         require(self.limit_users is None or (isinstance(self.limit_users, int) and self.limit_users >= 1),
                 f"limit users must be at least 1, got {self.limit_users!r}")
-        at_least("eval holdout", self.eval_holdout, 0)
+        for n in self.history_sizes:
+            at_least("history size", n, 1)
+        require(len(set(self.history_sizes)) == len(self.history_sizes), f"history sizes repeat: {self.history_sizes}")
+        for f in self.bank_fractions:
+            require(isinstance(f, (int, float)) and 0 < f <= 1, f"bank fractions must lie in (0, 1], got {f!r}")
+        require(len(set(self.bank_fractions)) == len(self.bank_fractions), f"bank fractions repeat: {self.bank_fractions}")
+        require(self.full_profile or bool(self.history_sizes), "with no full-profile run, give history sizes to run")
 
 
 @dataclass

@@ -13,6 +13,8 @@ side and benchmarks can swap them. Nothing here touches the disk: a fused adapte
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -91,13 +93,24 @@ def weights_published(sims: Tensor, temperature: float) -> Tensor:
 
 @dataclass
 class FusionRecord:
-    """Everything needed to rebuild a user's fused adapter from the bank: a few hundred bytes."""
+    """Everything needed to rebuild a user's fused adapter from the bank: a few hundred bytes.
+
+    `layer_weights` (picked or learned per user, mta.fusion_weights) gives some decoder layers, by index, weights of
+    their own; every other layer takes `weights`. A record without it means what it always meant.
+    """
 
     anchor_ids: list[str]
     similarities: list[float]
     weights: list[float]
     merge: str
     rank: int | None = None
+    adapt: str = "fixed"
+    layer_weights: dict[str, list[float]] | None = None
+
+    def __post_init__(self):
+        every = [self.weights, *(self.layer_weights or {}).values()]
+        if any(len(w) != len(self.anchor_ids) or not all(math.isfinite(x) for x in w) for w in every):
+            raise MTAError(f"fusion weights must be {len(self.anchor_ids)} finite numbers per layer, got {every}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,10 +118,25 @@ class FusionRecord:
     @classmethod
     def from_dict(cls, d: dict) -> "FusionRecord":
         try:
+            layers = d.get("layer_weights")
             return cls(list(d["anchor_ids"]), [float(x) for x in d["similarities"]], [float(x) for x in d["weights"]],
-                       str(d["merge"]), d.get("rank"))
-        except (KeyError, TypeError) as e:
+                       str(d["merge"]), d.get("rank"), str(d.get("adapt", "fixed")),
+                       {str(k): [float(x) for x in v] for k, v in layers.items()} if layers else None)
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise MTAError(f"malformed fusion record: {e}") from None
+
+    def weights_at(self, module: str) -> list[float]:
+        """The weights of the layer a module path lies in ("model.layers.12.mlp.up_proj" → layer 12)."""
+        if self.layer_weights:
+            layer = layer_index(module)
+            return self.layer_weights.get(str(layer), self.weights)
+        return self.weights
+
+
+def layer_index(module: str) -> int | None:
+    """The decoder layer of a module path: its first numeric component (transformers' ModuleList index)."""
+    m = re.search(r"\.(\d+)(\.|$)", module)
+    return int(m.group(1)) if m else None
 
 
 def resolve(cfg: FusionConfig) -> FusionConfig:
@@ -134,7 +162,7 @@ def plan_fusion(bank: Bank, user_embedding: np.ndarray | Tensor, cfg: FusionConf
     sims = torch.nn.functional.cosine_similarity(bank.embeddings, u[None], dim=1)
     top = torch.topk(sims, eff.k).indices
     w = eff.scale * WEIGHTINGS[eff.weighting](sims[top], eff.temperature)
-    return FusionRecord([bank.anchor_ids[i] for i in top.tolist()], sims[top].tolist(), w.tolist(), cfg.merge, eff.rank)
+    return FusionRecord([bank.anchor_ids[i] for i in top.tolist()], sims[top].tolist(), w.tolist(), cfg.merge, eff.rank, cfg.adapt)
 
 
 def merge(bank: Bank, record: FusionRecord) -> LoraWeights:
@@ -142,10 +170,9 @@ def merge(bank: Bank, record: FusionRecord) -> LoraWeights:
     if method not in MERGE_METHODS:
         raise MTAError(f"unknown merge method {record.merge!r}")
     anchors = [bank.anchor(a) for a in record.anchor_ids]
-    w = torch.tensor(record.weights, dtype=torch.float32)
-    names = anchors[0].modules.keys()
-    return LoraWeights({n: MERGE_METHODS[method]([x.modules[n][0] for x in anchors], [x.modules[n][1] for x in anchors], w, record.rank)
-                        for n in names})
+    return LoraWeights({n: MERGE_METHODS[method]([x.modules[n][0] for x in anchors], [x.modules[n][1] for x in anchors],
+                                                 torch.tensor(record.weights_at(n), dtype=torch.float32), record.rank)
+                        for n in anchors[0].modules})
 
 
 def fuse(bank: Bank, user_embedding: np.ndarray | Tensor, cfg: FusionConfig = FusionConfig()) -> tuple[LoraWeights, FusionRecord]:

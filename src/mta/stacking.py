@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 from peft import PeftModel, get_peft_model
 
-from mta import __version__
-from mta.adapters import LoraWeights, attach, folded
+from mta import __version__, fusion_weights
+from mta.adapters import LoraWeights, attach, folded, save_adapter
 from mta.bank import Bank
-from mta.config import PersonalizeConfig, StackConfig
+from mta.config import PersonalizeConfig, StackConfig, TrainConfig
 from mta.data.lamp import User, require_profile
 from mta.embedding import profile_embedding
-from mta.fusion import FusionRecord, fuse, merge
+from mta.fusion import FusionRecord, merge, plan_fusion
 from mta.io import MTAError, atomic_dir, atomic_write_json, read_json
 from mta.tasks import loo_examples
 from mta.training import train
@@ -108,23 +108,49 @@ def _activate(model: PeftModel, active: list[str], trainable: bool) -> PeftModel
 
 def personalize(bank: Bank | None, user: User, cfg: PersonalizeConfig, model, tokenizer, embedder=None, task=None,
                 progress: bool = True) -> tuple[torch.nn.Module, UserRecord]:
-    """Fuse (in memory) and train the stacked LoRA for one user; nothing is written."""
+    """Fuse (in memory) and train the stacked LoRA for one user; nothing is written.
+
+    With `cfg.fusion.adapt` the user's own leave-one-out examples pick the fusion or train its weights along with
+    the stack (mta.fusion_weights); the record then holds the weights the user answers with.
+    """
     profile = require_profile(user)
     task = task or bank.task
+    examples = loo_examples(task, profile, cfg.num_retrieved)
+    adapt = cfg.fusion.adapt if cfg.fusion is not None else "fixed"
+    if adapt.startswith("learn") and cfg.stack is None:
+        raise MTAError("learned fusion weights train with the stacked LoRA: without a stack use adapt 'fixed' or 'pick'")
     fused, record = None, None
     if cfg.fusion is not None:
         if bank is None:
             raise MTAError("fusion needs a bank")
         bank.check_model(model)
-        fused, record = fuse(bank, profile_embedding(embedder, task, profile), cfg.fusion)
+        embedding = profile_embedding(embedder, task, profile)
+        record = (fusion_weights.pick(bank, embedding, cfg.fusion, base_of(model), tokenizer, examples,
+                                      cfg.stack.train if cfg.stack else TrainConfig())
+                  if adapt == "pick" else plan_fusion(bank, embedding, cfg.fusion))
+        fused = merge(bank, record)
     if cfg.stack is None:
         model, stack = with_adapters(model, fused, None), None
     else:
         torch.manual_seed(cfg.stack.train.seed)  # before the stacked LoRA is created: its init must not depend on what ran before
         model = with_adapters(model, None, cfg.stack)
+        deltas, groups = None, None
+        if adapt.startswith("learn"):
+            deltas = fusion_weights.add_gates(model, bank, record, cfg.stack.layers(model.config.num_hidden_layers),
+                                              per_layer=adapt == "learn-layer")
+            model = _activate(model, [fusion_weights.GATES, STACK], trainable=True)
+            learned = list({id(d): d for d in deltas.values()}.values())
+            for d in learned:
+                d.requires_grad_(True)
+            groups = [{"params": [p for p in model.parameters() if p.requires_grad and all(p is not d for d in learned)]},
+                      {"params": learned, "lr": cfg.fusion.learn_lr, "weight_decay": cfg.fusion.learn_decay}]
         with folded(model, fused):  # the frozen fused adapter trains as part of W: the same function, cheaper steps
-            stats = train(model, tokenizer, loo_examples(task, profile, cfg.num_retrieved), cfg.stack.train,
-                          desc=f"stacking user {user.user_id}", progress=progress)
+            stats = train(model, tokenizer, examples, cfg.stack.train, desc=f"stacking user {user.user_id}",
+                          progress=progress, groups=groups)
+        if deltas is not None:  # the planned weights plus what was learned, per stacked layer
+            record = fusion_weights.learned(record, deltas)
+            model.delete_adapter(fusion_weights.GATES)
+            fused = merge(bank, record)
         if fused is not None:  # to answer, the fused adapter runs as LoRA layers again, in load_personalized's order
             model = _activate(attach(model, fused, FUSED), [FUSED, STACK], trainable=False)
         stack = {"rank": cfg.stack.rank, "alpha": cfg.stack.alpha or cfg.stack.rank, "train_seconds": round(stats["seconds"], 3),
@@ -137,7 +163,7 @@ def save_user(folder: str | Path, model, record: UserRecord, profile: list[dict]
     """Write the user's folder atomically; returns the bytes that serving this user needs (adapter + record)."""
     with atomic_dir(folder) as tmp:
         if record.stack is not None:
-            model.save_pretrained(tmp / "adapter", selected_adapters=[STACK])
+            save_adapter(model, tmp / "adapter", selected_adapters=[STACK])
         atomic_write_json(tmp / "user.json", record.to_dict())
         atomic_write_json(tmp / "profile.json", profile)
     return user_bytes(folder)

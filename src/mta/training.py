@@ -144,8 +144,8 @@ def _first_trained(layers: torch.nn.ModuleList, params: list[torch.nn.Parameter]
     trained = {id(p) for p in params}
     for i, layer in enumerate(layers):
         if any(id(p) in trained for p in layer.parameters()):
-            above = sum(id(p) in trained for later in layers[i:] for p in later.parameters())
-            return i if above == len(trained) else 0
+            above = {id(p) for later in layers[i:] for p in later.parameters()}  # a parameter may be shared by layers
+            return i if trained <= above else 0
     return 0
 
 
@@ -160,11 +160,12 @@ def _layers_from(owner: torch.nn.Module, attr: str, layers: torch.nn.ModuleList,
 
 
 def train(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list[Example], cfg: TrainConfig,
-          desc: str = "training", progress: bool = True, plain: bool = False) -> dict:
+          desc: str = "training", progress: bool = True, plain: bool = False, groups: list[dict] | None = None) -> dict:
     """Train the parameters that require grad; returns losses, steps, seconds, tokens seen and cached steps.
 
-    `plain=True` is the textbook loop (all logits, every layer every step): the same result, slower; it is
-    there to measure the two savings.
+    `groups`: optimizer parameter groups covering those parameters, for some with their own lr or weight decay
+    (learned fusion weights); the schedule scales every group alike. `plain=True` is the textbook loop (all
+    logits, every layer every step): the same result, slower; it is there to measure the two savings.
     """
     if not examples:
         raise MTAError(f"{desc}: no training examples")
@@ -176,7 +177,9 @@ def train(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: 
     rng = random.Random(cfg.seed)
     batches_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
     total = max(1, round(cfg.epochs * batches_per_epoch))
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if groups is not None and {id(p) for g in groups for p in g["params"]} != {id(p) for p in params}:
+        raise MTAError(f"{desc}: the optimizer groups must hold exactly the parameters that require grad")
+    opt = torch.optim.AdamW(groups or params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
     amp = mixed_precision(device, getattr(model, "dtype", params[0].dtype), cfg.mixed_precision)
     model.train()
@@ -205,3 +208,24 @@ def train(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: 
     model.eval()
     return {"losses": losses, "steps": total, "seconds": time.perf_counter() - start, "tokens": tokens,
             "cached_steps": step.cached_steps, "cached_from_layer": step.start}
+
+
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list[Example], cfg: TrainConfig) -> float:
+    """The mean loss per target token over `examples`, as training computes it, without training: what a forward
+    pass says of how well `model` already answers them."""
+    if not examples:
+        raise MTAError("no examples to score")
+    encoded = [encode(tokenizer, ex, cfg.max_length) for ex in examples]
+    device = next(model.parameters()).device
+    amp = mixed_precision(device, getattr(model, "dtype", next(model.parameters()).dtype), cfg.mixed_precision)
+    step, total, count = _Step(model, []), 0.0, 0
+    model.eval()
+    for start in range(0, len(encoded), cfg.batch_size):
+        rows = list(range(start, min(start + cfg.batch_size, len(encoded))))
+        batch = _collate([encoded[i] for i in rows], tokenizer.pad_token_id, device)
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        with amp:
+            total += float(step(batch, rows)) * n
+        count += n
+    return total / count
