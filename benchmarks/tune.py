@@ -245,17 +245,15 @@ STAGES: dict[str, tuple[str | tuple[str, ...], list[tuple[str, Override]]]] = {
     # the baselines without a bank, at their tuned settings: a user's answers do not depend on the folds, so these
     # equal their cv-* scores, on the answers the fused methods are scored on here
     "apart-baselines": (("per-user-lora", "stack-only", "rag", "base"), [("as-tuned", lambda c: c)]),
-    # From here (HS) every trial scores the history-size protocol on two folds per task (LaMP-4's apart: no fold bank
-    # holds an item of its tuning users). MTA's two parts at their tuned settings first: the bar MTA has to clear.
+    # From here (HS) every trial scores the history-size protocol on one fold of 16 tuning users per task (LaMP-4's
+    # apart: its bank holds no item of theirs). MTA's two parts at their tuned settings first: the bar to clear.
     "hs-parts": (("merge-only", "stack-only"), [("as-tuned", lambda c: c)]),
     # Per-user fusion (mta.fusion_weights): the planned weights as they are (today's, first), k and strength picked by
     # the user's own leave-one-out loss, or the weights learned with the stack (per anchor; per anchor and layer)
     "hs-fusion": ("mta", [("fixed-k1", lambda c: c), ("fixed-k2", _adapt("fixed", 2)), ("fixed-k4", _adapt("fixed", 4)),
-                          ("pick-k1", _adapt("pick", 1)), ("pick-k2", _adapt("pick", 2)), ("pick-k4", _adapt("pick", 4)),
-                          ("pick-any", _adapt("pick", 1, pick_k=[1, 2, 4])),
-                          ("learn-k1", _adapt("learn", 1)), ("learn-k2", _adapt("learn", 2)), ("learn-k4", _adapt("learn", 4)),
-                          ("layer-k1", _adapt("learn-layer", 1)), ("layer-k2", _adapt("learn-layer", 2)),
-                          ("layer-k4", _adapt("learn-layer", 4))]),
+                          ("pick-k1", _adapt("pick", 1)), ("pick-any", _adapt("pick", 1, pick_k=[1, 2, 4])),
+                          ("learn-k1", _adapt("learn", 1)), ("learn-k2", _adapt("learn", 2)),
+                          ("layer-k2", _adapt("learn-layer", 2)), ("learn-k2-lr0.2", _adapt("learn", 2, learn_lr=0.2))]),
 }
 
 
@@ -281,8 +279,9 @@ def tuning_folds(task_id: str, data: Path, eval_fraction: float, n: int, seed: i
              [u for i, u in enumerate(bank_users) if i in p]) for p in picked]
 
 
-HS = {"hs-parts", "hs-fusion"}  # on the first two folds of each task: LaMP-2's tuning_folds, LaMP-4's apart ones
-HS_APART = {"LaMP-4"}
+# The hs-* stages score one fold of about HS_USERS tuning users per task, personalized from a bank of the other bank
+# users (LaMP-4's fold keeps users who share items together: no bank user holds an item of a tuning user)
+HS, HS_USERS, HS_APART = {"hs-parts", "hs-fusion"}, 16, {"LaMP-4"}
 BUDGETED = {"mta-cached", "mta-bf16", "task-mta", "task-mta-modules", "cv-mta", "cv-mta-steps"}
 APART = {"apart-merge-only", "apart-fusion", "apart-mta", "apart-recipe", "apart-baselines"}  # on tuning_folds(apart=True)
 # stage: the tasks it runs on, over all their folds
@@ -295,7 +294,9 @@ PER_TASK = {"task-per-user-lora", "task-stack-only", "task-mta", "task-recipe", 
 
 def bank_folder(stage: str, task: str, fold: int) -> str:
     """Where a fold's tuning bank lives: folds of the same users share it across stages."""
-    if stage in APART or (stage in HS and task in HS_APART):
+    if stage in HS:
+        return f"banks-hs{'-apart' if task in HS_APART else ''}-fold{fold}"
+    if stage in APART:
         return f"banks-apart-fold{fold}"
     return "banks" if fold == 0 else f"banks-fold{fold}"
 
@@ -401,12 +402,13 @@ def main() -> None:
     out, report_json = Path(a.out), Path(a.report + ".json")
     saved = json.loads(report_json.read_text())["stages"] if report_json.exists() else {}
     folds = {t: tuning_folds(t, f, frac, n) for t, f, frac, n in TASKS}
-    apart = {t: tuning_folds(t, f, frac, n, apart=True) for t, f, frac, n in TASKS
-             if any(t in FOLDED[s] for s in APART) or t in HS_APART}
+    apart = {t: tuning_folds(t, f, frac, n, apart=True) for t, f, frac, n in TASKS if any(t in FOLDED[s] for s in APART)}
+    hs_folds = {t: tuning_folds(t, f, frac, HS_USERS, apart=t in HS_APART) for t, f, frac, _ in TASKS}
     cfgs = {t: before_tuning(t) for t, *_ in TASKS}  # each stage's winner is applied before the next stage
     report: dict = {"history_sizes": a.history_sizes, "tuning_users": {t: [u.user_id for u in f[0][1]] for t, f in folds.items()},
                     "folds": {t: [[u.user_id for u in tune] for _, tune in f] for t, f in folds.items()},
-                    "folds_apart": {t: [[u.user_id for u in tune] for _, tune in f] for t, f in apart.items()}, "stages": {}}
+                    "folds_apart": {t: [[u.user_id for u in tune] for _, tune in f] for t, f in apart.items()},
+                    "folds_hs": {t: [u.user_id for u in f[0][1]] for t, f in hs_folds.items()}, "stages": {}}
     for stage, (method, trials) in STAGES.items():
         if stage not in a.stages:
             if stage in saved:  # not rerun: its saved winner still shapes the stages after it
@@ -418,7 +420,7 @@ def main() -> None:
         if timed:  # the reference: the per-user LoRA's current setting, timed by the same code
             trials = [("_per-user-lora", lambda c: c), *trials]
         if stage in HS:
-            used = {t: (apart[t] if t in HS_APART else f)[:2] for t, f in folds.items()}
+            used = {t: f[:1] for t, f in hs_folds.items()}
         elif stage in FOLDED:
             used = {t: f for t, f in (apart if stage in APART else folds).items() if t in FOLDED[stage]}
         else:

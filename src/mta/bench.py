@@ -510,13 +510,17 @@ def verdict(diff_ci: list[float], main: str) -> str:
     return "better" if lo > 0 else "worse" if hi < 0 else "level"
 
 
+def _num(x: float, digits: int, sign: str = "") -> str:
+    return f"{round(x, digits) + 0.0:{sign}.{digits}f}"  # + 0.0: no "-0.000"
+
+
 def _ci(m: dict, main: str) -> str:
     lo, hi = m[f"{main}_ci95"]
-    return f"{m[main]:.4f} [{lo:.3f}, {hi:.3f}]"
+    return f"{_num(m[main], 4)} [{_num(lo, 3)}, {_num(hi, 3)}]"
 
 
 def _vs(v: list[float] | None, main: str) -> str:
-    return f"{v[0]:+.4f} [{v[1]:+.3f}, {v[2]:+.3f}] {verdict(v, main)}" if v else ""
+    return f"{_num(v[0], 4, '+')} [{_num(v[1], 3, '+')}, {_num(v[2], 3, '+')}] {verdict(v, main)}" if v else ""
 
 
 def _curve_tables(title: str, blocks: dict[str, dict], label, main: str) -> list[str]:
