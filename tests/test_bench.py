@@ -278,6 +278,22 @@ def test_a_rerun_reads_back_what_was_answered(curves, monkeypatch, tmp_path, run
     assert (curves / "h2" / "predictions" / "mta.json").read_text() == before
 
 
+def test_versus_script_pairs_another_runs_answers(curves):
+    """benchmarks/versus.py on a run against itself reproduces the run's own paired comparisons."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("versus_script", Path(__file__).parent.parent / "benchmarks" / "versus.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    r = json.loads((curves / "results.json").read_text())
+    out = script.compare(curves, "mta", curves, ["merge-only", "base"])
+    assert set(out["sizes"]) == {"2", "4"}
+    for n, s in out["sizes"].items():
+        for m in ("merge-only", "base"):
+            assert s["versus"][m] == pytest.approx(r["history_sizes"][n]["versus"][m])
+        assert s["mta"][0] == pytest.approx(r["history_sizes"][n]["methods"]["mta"]["accuracy"])
+
+
 def test_verdict_reads_the_interval():
     assert bench.verdict([0.1, 0.02, 0.2], "accuracy") == "better" and bench.verdict([0.1, -0.02, 0.2], "rouge1") == "level"
     assert bench.verdict([-0.1, -0.2, -0.01], "accuracy") == "worse"

@@ -1,0 +1,69 @@
+"""Paired comparison of one method's answers in one `mta bench` run against methods of another run on the same users.
+
+`mta bench` compares its methods within a run. A variant of MTA run on its own (another `--fusion-adapt`, another
+k, on the same eval users and the same reused bank) is compared here against the first run's methods, answer by
+answer, with the same paired bootstrap over users, per history size.
+
+Usage: python benchmarks/versus.py --ours RUN[:METHOD] --theirs RUN --methods merge-only stack-only [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from mta.bench import user_interval, verdict, versus
+from mta.data.lamp import load_users
+from mta.io import MTAError, atomic_write_json, read_json
+from mta.tasks import get_task
+
+
+def compare(ours: Path, method: str, theirs: Path, names: list[str]) -> dict:
+    """Per history size of `ours`: its method's main metric with an interval, and minus each of `theirs`' methods."""
+    r = read_json(ours / "results.json", "results")
+    task = get_task(r["task"])
+    out = {"task": task.id, "main_metric": task.main_metric, "ours": f"{ours}:{method}", "theirs": str(theirs), "sizes": {}}
+    for n in sorted(r.get("history_sizes", {}), key=int):
+        asked = load_users(ours / f"h{n}" / "eval_users.json", task)
+        if asked != load_users(theirs / f"h{n}" / "eval_users.json", task):
+            raise MTAError(f"{ours} and {theirs} did not ask the same users the same questions at n = {n}")
+        queries = [q for u in asked for q in u.queries]
+        golds, users = [q.gold for q in queries], [u.user_id for u in asked for _ in u.queries]
+
+        def outputs(run: Path, name: str) -> list[str]:
+            saved = read_json(run / f"h{n}" / "answers" / f"{name}.json", "saved answers")["outputs"]
+            return [saved[q.id] for q in queries]
+
+        mine = outputs(ours, method)
+        per = [task.evaluate([o], [g])[task.main_metric] for o, g in zip(mine, golds)]
+        mean, lo, hi = user_interval(per, users)
+        vs = {}
+        for name in names:
+            v = versus(task, mine, outputs(theirs, name), golds, users)
+            vs[name] = [v["diff"], *v["ci95"]]
+        out["sizes"][n] = {"n_answers": len(golds), method: [mean, lo, hi], "versus": vs}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ours", required=True, help="RUN[:METHOD], METHOD mta by default")
+    p.add_argument("--theirs", required=True)
+    p.add_argument("--methods", nargs="+", required=True)
+    p.add_argument("--out")
+    a = p.parse_args()
+    run, _, method = a.ours.partition(":")
+    result = compare(Path(run), method or "mta", Path(a.theirs), a.methods)
+    main_metric = result["main_metric"]
+    for n, s in result["sizes"].items():
+        mean, lo, hi = s[method or "mta"]
+        print(f"n = {n} ({s['n_answers']} answers): {main_metric} {mean:.4f} [{lo:.3f}, {hi:.3f}]; "
+              + "; ".join(f"− {m}: {d:+.4f} [{a_:+.3f}, {b:+.3f}] {verdict([d, a_, b], main_metric)}"
+                          for m, (d, a_, b) in s["versus"].items()))
+    if a.out:
+        atomic_write_json(a.out, result)
+
+
+if __name__ == "__main__":
+    main()
