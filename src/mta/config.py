@@ -16,6 +16,7 @@ from mta.io import MTAError
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_EMBEDDER = "all-minilm-l6-v2"
 MIXED_PRECISION = ("auto", "bf16", "no")
+ADAPTER_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # how stored stacked LoRAs may be kept: torch dtype names
 MIN_MAX_LENGTH = 64  # shorter token budgets cannot hold a prompt and its answer
 # `mta bench`'s methods, in report order (mta.bench.METHODS implements them)
 BENCH_METHODS = ("base", "rag", "per-user-lora", "merge-only", "stack-only", "recipe", "mta")
@@ -288,6 +289,8 @@ class ServeConfig:
     max_body_bytes: int = 2 << 20
     cache_size: int = 256  # prepared adapters kept in memory
     keep_finished_jobs: int = 1_000  # finished adapt jobs still answered by GET /v1/jobs/{id}
+    # a running job's server renews its lease in the store; a job whose lease ran out (its server died) reports failed
+    job_lease_s: float = 30.0
 
     def __post_init__(self):
         require(self.num_retrieved is None or (isinstance(self.num_retrieved, int) and self.num_retrieved >= 0),
@@ -297,3 +300,4 @@ class ServeConfig:
             at_least(name.replace("_", " "), getattr(self, name), 1)
         at_least("max prompt tokens", self.max_prompt_tokens, MIN_MAX_LENGTH)
         require(math.isfinite(self.max_wait_ms) and self.max_wait_ms >= 0, f"max wait must be 0 ms or more, got {self.max_wait_ms!r}")
+        positive("job lease (seconds)", self.job_lease_s)

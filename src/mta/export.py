@@ -49,5 +49,5 @@ def export_stored_user(bank: Bank, store, user_id: str, out: str | Path, pad_ran
     """The same for a user of the server's store (`mta serve`)."""
     stored = store.get(user_id)
     if stored is None:
-        raise MTAError(f"user {user_id!r} is not in the store {store.path}")
+        raise MTAError(f"user {user_id!r} is not in the store {store.location}")
     return write_adapter([fused_adapter(bank, stored.record), store.stacked(stored)], out, stored.record.base_model, pad_rank)

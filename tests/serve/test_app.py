@@ -6,6 +6,7 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from mta.config import ServeConfig, StackConfig, TrainConfig
 from mta.generation import generate
 from mta.models import load_base
 from mta.serve.app import Batcher, create_app
-from mta.serve.store import UserStore
+from mta.serve.store import INTERRUPTED, open_store
 from mta.stacking import fused_adapter, with_adapters
 from mta.tasks import get_task, query_prompt
 
@@ -38,9 +39,9 @@ def serve(tmp_path, random_bank, tiny_model_dir):
     """Start a server over a store folder; the store and model are fresh objects every time, as after a restart."""
 
     @contextmanager
-    def start(store_dir=tmp_path / "store", **cfg):
+    def start(where=tmp_path / "store", **cfg):
         model, tok = load_base(str(tiny_model_dir), device="cpu")
-        store = UserStore(store_dir)
+        store = open_store(where)
         app = create_app(random_bank, store, model, tok, HashEmbedder(), ServeConfig(stack=FAST_STACK, **cfg))
         try:
             with TestClient(app) as client:
@@ -98,9 +99,9 @@ def test_users_generate_and_completions(serve, random_bank, users):
         assert re.search(r"mta_adapter_cache_hits_total [1-9]", metrics) and "mta_batch_size_count" in metrics
 
 
-def test_adapted_users_survive_a_restart_and_match_the_reference(serve, tmp_path, random_bank, tiny_model_dir, users):
+def test_adapted_users_survive_a_restart_and_match_the_reference(serve, store_at, random_bank, tiny_model_dir, users):
     ids = ["u0", "u1", "u2"]
-    with serve() as (client, server):
+    with serve(store_at) as (client, server):
         for i, uid in enumerate(ids):
             _put(client, uid, users[i].profile)
         jobs = [client.post(f"/v1/users/{uid}/adapt").json() for uid in ids[:2]]
@@ -117,15 +118,24 @@ def test_adapted_users_survive_a_restart_and_match_the_reference(serve, tmp_path
         stored = server.store.get("u0")
         ref = with_adapters(model, fused_adapter(random_bank, stored.record), server.store.stacked(stored))
         assert generate(ref, tok, [query_prompt(TASK, INPUT, users[0].profile)], 8)[0] == before["u0"][0]
-    files = snapshot(tmp_path / "store" / "adapters")
-    assert len(files) == 2
+    sqlite = "://" not in store_at
+    assert not sqlite or len(snapshot(Path(store_at) / "adapters")) == 2
+    with open_store(store_at) as store:  # a server that died with a job running: nobody renews its lease
+        store.put(store.get("u2").record, users[2].profile)
+        dead, _ = store.add_job("u2", "a-dead-server", lease_s=0.2, keep_finished=10)
+    time.sleep(0.3)
 
-    with serve() as (client, _):  # a new process's view: fresh store object, model and app
+    with serve(store_at) as (client, _):  # a new process's view: fresh store object, model and app
+        assert {uid: client.get(f"/v1/users/{uid}").json()["version"] for uid in ids} == {"u0": 2, "u1": 2, "u2": 2}
+        records["u2"]["version"] = 2
         assert {uid: client.get(f"/v1/users/{uid}").json() for uid in ids} == records
         assert {uid: [_generate(client, uid, t) for t in (INPUT, "Detectives chase a killer")] for uid in ids} == before
+        assert [client.get(f"/v1/jobs/{j['id']}").json()["status"] for j in jobs] == ["done", "done"]  # jobs outlive it
+        assert client.get(f"/v1/jobs/{dead.id}").json() | {"created": 0, "finished": 0} == {
+            "id": dead.id, "user_id": "u2", "status": "failed", "error": INTERRUPTED, "created": 0, "finished": 0, "stack": None}
         _put(client, "u0", users[3].profile)  # a new profile drops the stale stacked LoRA and its file
         assert not client.get("/v1/users/u0").json()["stacked"]
-    assert len(snapshot(tmp_path / "store" / "adapters")) == 1
+    assert not sqlite or len(snapshot(Path(store_at) / "adapters")) == 1
 
 
 def test_concurrent_requests_share_a_forward_pass(serve, users):
@@ -142,7 +152,7 @@ def test_concurrent_requests_share_a_forward_pass(serve, users):
 
 
 def test_bad_input_is_rejected_with_a_message(serve, tmp_path, users):
-    with serve(store_dir=tmp_path / "store", max_input_chars=200, max_new_tokens=16, max_profile_items=8, max_body_bytes=20_000) \
+    with serve(tmp_path / "store", max_input_chars=200, max_new_tokens=16, max_profile_items=8, max_body_bytes=20_000) \
             as (client, _):
         _put(client, "alice", users[0].profile)
         cases = [

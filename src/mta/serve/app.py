@@ -5,13 +5,15 @@ cache keyed by bank fingerprint, fusion record and stacked adapter) in a worker 
 thread takes up to `max_batch` queued rows at a time through a single per-row-LoRA generation, so
 concurrent users share forward passes. The queue is bounded (503 when full); shutdown stops intake and
 drains what was accepted. Adapt jobs train on a private copy of the base model in one job thread, so the
-serving weights are never touched, and commit only if the user did not change meanwhile.
+serving weights are never touched, and commit only if the user did not change meanwhile; their state lives
+in the store, so a job's status survives the server (and any replica sharing the store can report it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import queue
 import threading
 import time
@@ -19,7 +21,6 @@ import uuid
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from fastapi import FastAPI, HTTPException, Path, Request
@@ -36,7 +37,7 @@ from mta.embedding import profile_embedding
 from mta.fusion import plan_fusion
 from mta.io import MTAError
 from mta.serve.batched import LRUCache, PerRowLora, Row, RowOutput, generate_rows
-from mta.serve.store import StoredUser, UserStore
+from mta.serve.store import Job, StoredUser, UserStore
 from mta.stacking import STACK, PersonalizeConfig, UserRecord, base_of, fused_adapter, personalize
 from mta.tasks import query_prompt
 from mta.training import fit, prompt_ids
@@ -161,6 +162,7 @@ class Metrics:
         self.latency: dict[str, _Histogram] = {}
         self.batch_size = _Histogram((1, 2, 4, 8, 16, 32, 64))
         self.batch_seconds = _Histogram((0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.adapter_load_seconds = _Histogram((0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
         self.tokens = 0
         self.jobs: Counter = Counter()
 
@@ -175,6 +177,10 @@ class Metrics:
             self.batch_seconds.observe(seconds)
             self.tokens += tokens
 
+    def observe_adapter_load(self, seconds: float) -> None:
+        with self._lock:
+            self.adapter_load_seconds.observe(seconds)
+
     def render(self, gauges: dict[str, tuple[str, float]]) -> str:
         with self._lock:
             out = ["# HELP mta_requests_total HTTP requests by route and status.", "# TYPE mta_requests_total counter"]
@@ -186,6 +192,9 @@ class Metrics:
             out += self.batch_size.lines("mta_batch_size")
             out += ["# HELP mta_batch_seconds Time to generate one batch.", "# TYPE mta_batch_seconds histogram"]
             out += self.batch_seconds.lines("mta_batch_seconds")
+            out += ["# HELP mta_adapter_load_seconds Time to read a user's adapter from the store and prepare it (cache misses).",
+                    "# TYPE mta_adapter_load_seconds histogram"]
+            out += self.adapter_load_seconds.lines("mta_adapter_load_seconds")
             out += ["# HELP mta_generated_tokens_total Tokens generated.", "# TYPE mta_generated_tokens_total counter",
                     f"mta_generated_tokens_total {self.tokens}"]
             out += ["# HELP mta_adapt_jobs_total Adapt jobs by final status.", "# TYPE mta_adapt_jobs_total counter"]
@@ -193,17 +202,6 @@ class Metrics:
         for name, (kind, value) in gauges.items():
             out += [f"# TYPE {name} {kind}", f"{name} {value:g}"]
         return "\n".join(out) + "\n"
-
-
-@dataclass
-class Job:
-    id: str
-    user_id: str
-    status: str = "queued"  # queued | running | done | failed
-    error: str | None = None
-    created: float = field(default_factory=time.time)
-    finished: float | None = None
-    stack: dict | None = None
 
 
 class Server:
@@ -218,10 +216,11 @@ class Server:
         self.cache: LRUCache = LRUCache(cfg.cache_size)
         self.metrics = Metrics()
         self.batcher = Batcher(self._run_batch, cfg.max_batch, cfg.max_queue, cfg.max_wait_ms / 1000)
-        self.jobs: dict[str, Job] = {}
-        self._jobs_lock = threading.Lock()
+        self.id = uuid.uuid4().hex  # this server instance: it owns the adapt jobs it runs, and renews their leases
         self._job_runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mta-adapt")
         self._train_model = None  # a private copy of the base model, made by the first adapt job
+        self._stopping = threading.Event()
+        self._lease_renewer = threading.Thread(target=self._renew_leases, name="mta-job-leases", daemon=True)
 
     # -- users ---------------------------------------------------------------------------------------
     def check_profile(self, profile: list[dict]) -> None:
@@ -267,8 +266,11 @@ class Server:
         return Row(prompt, adapter, max_new_tokens or self.task.max_new_tokens)
 
     def _prepare(self, record: UserRecord, stored: StoredUser | None):
+        start = time.perf_counter()
         parts = [fused_adapter(self.bank, record), self.store.stacked(stored) if stored else None]
-        return self.lora.prepare(LoraWeights.concat([p for p in parts if p is not None]))
+        prepared = self.lora.prepare(LoraWeights.concat([p for p in parts if p is not None]))
+        self.metrics.observe_adapter_load(time.perf_counter() - start)
+        return prepared
 
     async def generate(self, row: Row) -> tuple[str, RowOutput]:
         try:
@@ -284,24 +286,29 @@ class Server:
         return [(self.tokenizer.decode(o.tokens, skip_special_tokens=True).strip(), o) for o in outs]
 
     # -- adapt jobs ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.batcher.start()
+        self._lease_renewer.start()
+
     def adapt(self, user_id: str) -> Job:
         """Queue a stacked-LoRA training job; a user's queued or running job is returned, not duplicated."""
         if self.store.get(user_id) is None:
             raise HTTPException(404, f"unknown user {user_id!r}: PUT /v1/users/{{user_id}} first")
-        with self._jobs_lock:
-            for job in self.jobs.values():
-                if job.user_id == user_id and job.status in ("queued", "running"):
-                    return job
-            job = Job(uuid.uuid4().hex, user_id)
-            self.jobs[job.id] = job
-            finished = [j.id for j in self.jobs.values() if j.finished is not None]
-            for old in finished[: max(0, len(finished) - self.cfg.keep_finished_jobs)]:
-                del self.jobs[old]
-        self._job_runner.submit(self._adapt, job)
+        job, new = self.store.add_job(user_id, self.id, self.cfg.job_lease_s, self.cfg.keep_finished_jobs)
+        if new:
+            self._job_runner.submit(self._adapt, job)
         return job
+
+    def _renew_leases(self) -> None:
+        while not self._stopping.wait(self.cfg.job_lease_s / 3):
+            try:
+                self.store.renew_jobs(self.id, self.cfg.job_lease_s)
+            except MTAError:
+                pass  # the store is unreachable for now: the next round tries again, well within the lease
 
     def _adapt(self, job: Job) -> None:
         job.status = "running"
+        self.store.update_job(job)
         try:
             user = self.store.get(job.user_id)
             if self._train_model is None:
@@ -317,15 +324,15 @@ class Server:
             job.error, job.status = str(e) if isinstance(e, MTAError) else f"{type(e).__name__}: {e}", "failed"
             self._train_model = None  # it may still carry the failed job's adapter layers: clone afresh next time
         job.finished = time.time()
+        self.store.update_job(job)
         self.metrics.jobs[job.status] += 1
 
     def close(self) -> None:
         """Finish accepted requests, then the running adapt job; queued jobs are cancelled."""
         self.batcher.stop()
         self._job_runner.shutdown(wait=True, cancel_futures=True)
-        for job in self.jobs.values():
-            if job.status == "queued":
-                job.status, job.error = "failed", "cancelled: the server shut down"
+        self._stopping.set()
+        self.store.expire_jobs(math.inf, "cancelled: the server shut down", owner=self.id)
 
 
 class _Locked:
@@ -358,7 +365,7 @@ def create_app(bank: Bank, store: UserStore, model, tokenizer, embedder, cfg: Se
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        server.batcher.start()
+        server.start()
         yield
         await run_in_threadpool(server.close)  # uvicorn has already let in-flight requests finish
 
@@ -419,7 +426,7 @@ def create_app(bank: Bank, store: UserStore, model, tokenizer, embedder, cfg: Se
 
     @app.get("/v1/jobs/{job_id}")
     def get_job(job_id: str) -> dict:
-        job = server.jobs.get(job_id)
+        job = store.job(job_id)
         if job is None:
             raise HTTPException(404, f"unknown job {job_id!r}")
         return _job_json(job)
