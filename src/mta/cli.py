@@ -306,29 +306,41 @@ def cmd_bench(a) -> None:
     print((Path(a.out) / "results.md").read_text())
 
 
+def serve_spec(a):
+    """`mta serve`'s flags as the settings that every server process (or replica) loads, with the task's presets."""
+    from mta.bank import Bank
+    from mta.serve.app import ServerSpec
+
+    task_id = Bank.load(a.bank).task.id
+    cfg = ServeConfig(fusion=_fusion_config(a, task_id), stack=_stack_config(a, task_id), decoding=_decoding(a, task_id),
+                      max_batch=a.max_batch, max_queue=a.max_queue, max_wait_ms=a.max_wait_ms, max_new_tokens=a.max_new_tokens)
+    return ServerSpec(a.bank, a.store, cfg, a.device, a.dtype, a.threads, a.adapter_dtype)
+
+
 def cmd_serve(a) -> None:
     try:
         import uvicorn
 
-        from mta.serve.app import create_app
+        from mta.serve.app import load_app
     except ImportError as e:
         raise MTAError(f"serving needs the serve extra ({e.name} is missing): pip install -e '.[serve]'") from None
-    from mta.bank import Bank
-    from mta.models import load_base, load_embedder
-    from mta.serve.store import open_store
-
-    if a.threads:
-        import torch
-
-        torch.set_num_threads(a.threads)
-    bank = Bank.load(a.bank)
-    model, tok = load_base(bank.manifest["base_model"], a.device, a.dtype)
-    cfg = ServeConfig(fusion=_fusion_config(a, bank.task.id), stack=_stack_config(a, bank.task.id),
-                      decoding=_decoding(a, bank.task.id),
-                      max_batch=a.max_batch, max_queue=a.max_queue, max_wait_ms=a.max_wait_ms, max_new_tokens=a.max_new_tokens)
-    with open_store(a.store, adapter_dtype=a.adapter_dtype) as store:
-        app = create_app(bank, store, model, tok, load_embedder(bank.manifest["embedding_model"]), cfg)
+    if a.replicas is not None:
+        if not a.store.startswith(("postgresql://", "postgres://")):
+            raise MTAError("--replicas needs a store they can share: --store postgresql://USER:PASSWORD@HOST/DB "
+                           "(a SQLite store folder belongs to one process)")
+        if a.replicas < 1 or (a.max_replicas is not None and a.max_replicas < a.replicas):
+            raise MTAError(f"--replicas must be at least 1 and --max-replicas at least --replicas, got {a.replicas} and {a.max_replicas}")
+        try:
+            from mta.serve.replicas import build_app, run
+        except ImportError as e:
+            raise MTAError(f"--replicas needs Ray Serve ({e.name} is missing): pip install -e '.[serve,ray]'") from None
+        run(build_app(serve_spec(a), a.replicas, a.max_replicas, a.replica_cpus, a.replica_gpus), a.host, a.port, a.ray_address)
+        return
+    app = load_app(serve_spec(a))
+    try:
         uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
+    finally:
+        app.state.server.store.close()
 
 
 def cmd_export(a) -> None:
@@ -470,6 +482,13 @@ def build_parser() -> argparse.ArgumentParser:
     _decoding_args(v)
     v.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     v.add_argument("--log-level", default="info")
+    v.add_argument("--replicas", type=int, help="run N replicas of the server on Ray Serve, sharing a PostgreSQL --store; "
+                   "each user's requests go to one replica (needs pip install -e '.[serve,ray]'; docs/serving.md)")
+    v.add_argument("--max-replicas", type=int, help="with --replicas: let Ray Serve autoscale from --replicas up to this many")
+    v.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica")
+    v.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs Ray reserves per replica")
+    v.add_argument("--ray-address", default=None, help="with --replicas: the Ray cluster to join, e.g. auto or HOST:6379 "
+                   "(default: RAY_ADDRESS, else a local Ray)")
     _model_args(v)
     v.set_defaults(fn=cmd_serve)
 

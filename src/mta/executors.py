@@ -39,7 +39,7 @@ def run_bank(users: list[User], out: str | Path, cfg: BankConfig, executor: str 
         model, tok = load_base(cfg.base_model, device, dtype)
         return build_bank(users, out, cfg, model, tok, progress=progress)
     signature = model_signature(_base_config(cfg.base_model))  # a bad --model fails here, not in every task
-    ray, started = _ray_connect(executor, ray_address)
+    ray, started = ray_connect(executor, ray_address)
     try:
         out = Path(out).resolve()  # tasks may run in another working directory, or on another node
         anchors = plan_bank(users, out, cfg, progress=progress)
@@ -72,7 +72,7 @@ def run_personalize(bank_dir: str | Path, jobs: list[tuple[User, Path]], cfg: Pe
         return results
     bank_dir = Path(bank_dir).resolve()
     Bank.load(bank_dir)  # a missing or unfinished bank is reported here, not by every task
-    ray, started = _ray_connect(executor, ray_address)
+    ray, started = ray_connect(executor, ray_address)
     try:
         task = ray.remote(_user_task).options(**_resources(ray, device))
         refs = {task.remote(str(bank_dir), user, str(Path(folder).resolve()), cfg, device, dtype): user.user_id
@@ -113,7 +113,7 @@ def _base_config(name: str):
         raise MTAError(f"cannot load the config of model {name!r}: {e}") from None
 
 
-def _ray_connect(executor: str, address: str | None):
+def ray_connect(executor: str, address: str | None):
     """Ray, connected; `started` says whether this call connected it (and so must disconnect)."""
     if executor not in EXECUTORS:
         raise MTAError(f"unknown executor {executor!r}; use one of {', '.join(EXECUTORS)}")

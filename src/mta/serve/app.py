@@ -21,6 +21,7 @@ import uuid
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from fastapi import FastAPI, HTTPException, Path, Request
@@ -357,6 +358,35 @@ def _user_json(u: StoredUser) -> dict:
 def _job_json(job: Job) -> dict:
     return {"id": job.id, "user_id": job.user_id, "status": job.status, "error": job.error, "created": job.created,
             "finished": job.finished, "stack": job.stack}
+
+
+@dataclass
+class ServerSpec:
+    """What a server process loads: `mta serve`'s settings, the same for one process and for every replica."""
+
+    bank: str
+    store: str  # a SQLite folder, or a postgresql:// URL (which replicas share)
+    cfg: ServeConfig = field(default_factory=ServeConfig)
+    device: str | None = None
+    dtype: str = "auto"
+    threads: int | None = None  # torch CPU threads (None: torch's choice)
+    adapter_dtype: str = "fp32"  # how the store keeps new stacked LoRAs
+
+
+def load_app(spec: ServerSpec) -> FastAPI:
+    """Open the store and load the bank, base model and embedder that `spec` names; the caller closes the store
+    (`app.state.server.store`)."""
+    import torch
+
+    from mta.models import load_base, load_embedder
+    from mta.serve.store import open_store
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    bank = Bank.load(spec.bank)
+    model, tok = load_base(bank.manifest["base_model"], spec.device, spec.dtype)
+    embedder = load_embedder(bank.manifest["embedding_model"])
+    return create_app(bank, open_store(spec.store, adapter_dtype=spec.adapter_dtype), model, tok, embedder, spec.cfg)
 
 
 def create_app(bank: Bank, store: UserStore, model, tokenizer, embedder, cfg: ServeConfig | None = None) -> FastAPI:
