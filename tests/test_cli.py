@@ -270,3 +270,13 @@ def test_argparse_errors_exit_2(capsys):
         main(["personalize", "--merge", "ties"])
     assert e.value.code == 2
     assert "invalid choice: 'ties'" in capsys.readouterr().err
+
+
+def test_serve_store_errors_are_one_line(capsys, pipeline, tmp_path):
+    bank = pipeline[0] / "bank"
+    err = _fails(capsys, ["serve", "--bank", bank, "--store", "postgresql://mta:secret@127.0.0.1:1/mta"],
+                 "cannot connect to the user store at postgresql://mta:***@127.0.0.1:1/mta: ")
+    assert "secret" not in err
+    _fails(capsys, ["serve", "--bank", bank, "--store", tmp_path / "store", "--replicas", "2"], "--replicas needs a store they can share")
+    _fails(capsys, ["serve", "--bank", bank, "--store", "postgresql://x@127.0.0.1:1/x", "--replicas", "2", "--max-replicas", "1"],
+           "--max-replicas at least --replicas")

@@ -384,9 +384,13 @@ def load_app(spec: ServerSpec) -> FastAPI:
     if spec.threads:
         torch.set_num_threads(spec.threads)
     bank = Bank.load(spec.bank)
-    model, tok = load_base(bank.manifest["base_model"], spec.device, spec.dtype)
-    embedder = load_embedder(bank.manifest["embedding_model"])
-    return create_app(bank, open_store(spec.store, adapter_dtype=spec.adapter_dtype), model, tok, embedder, spec.cfg)
+    store = open_store(spec.store, adapter_dtype=spec.adapter_dtype)  # before the slow loads: a bad store fails at once
+    try:
+        model, tok = load_base(bank.manifest["base_model"], spec.device, spec.dtype)
+        return create_app(bank, store, model, tok, load_embedder(bank.manifest["embedding_model"]), spec.cfg)
+    except BaseException:
+        store.close()
+        raise
 
 
 def create_app(bank: Bank, store: UserStore, model, tokenizer, embedder, cfg: ServeConfig | None = None) -> FastAPI:

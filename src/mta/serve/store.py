@@ -388,7 +388,7 @@ class PostgresStore(UserStore):
         try:
             conn = self._psycopg.connect(self._url, autocommit=True, connect_timeout=10)
         except self._psycopg.Error as e:
-            raise MTAError(f"cannot connect to the user store at {self.location}: {str(e).strip()}") from None
+            raise MTAError(f"cannot connect to the user store at {self.location}: {_one_line(e)}") from None
         conn.read_only = self._readonly or None
         return conn
 
@@ -401,7 +401,7 @@ class PostgresStore(UserStore):
                 with self._db.transaction():
                     yield _Placeholders(self._db)
             except self._psycopg.OperationalError as e:
-                raise MTAError(f"the user store at {self.location} failed: {str(e).strip()}") from None
+                raise MTAError(f"the user store at {self.location} failed: {_one_line(e)}") from None
 
     def _adapter_bytes(self, user: StoredUser) -> bytes:
         with self._transaction() as db:
@@ -413,6 +413,10 @@ class PostgresStore(UserStore):
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())  # libpq's messages span lines (a hint, a detail)
 
 
 def _exists(db, table: str) -> bool:
