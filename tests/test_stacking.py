@@ -11,7 +11,7 @@ from mta.adapters import folded
 from mta.config import FusionConfig, PersonalizeConfig, StackConfig, TrainConfig
 from mta.data.lamp import User
 from mta.fusion import FusionRecord, merge, resolve
-from mta.io import MTAError
+from mta.io import MTAError, load_tensors
 from mta.models import load_base
 from mta.stacking import (
     FUSED,
@@ -173,6 +173,25 @@ def test_save_and_load_give_identical_logits(tiny_bank, tiny_model_dir, users, e
     loaded, rec = load_personalized(bank, tmp_path / "u", _fresh(tiny_model_dir))
     assert rec == UserRecord.load(tmp_path / "u")
     torch.testing.assert_close(logits(loaded, input_ids), want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_bf16_stacked_lora_is_stored_in_bf16_and_loads_in_the_models_dtype(tiny_bank, tiny_model_dir, users, embedder,
+                                                                                 tmp_path, input_ids):
+    model, tok = load_base(str(tiny_model_dir), device="cpu")
+    model, record = personalize(tiny_bank, users[1], PersonalizeConfig(FusionConfig(), StackConfig(rank=2, train=FAST)), model, tok,
+                                embedder, task=TASK, progress=False)
+    want = logits(model, input_ids)
+    sizes = {}
+    for dtype in ("fp32", "bf16"):
+        save_user(tmp_path / dtype, model, record, users[1].profile, adapter_dtype=dtype)
+        sizes[dtype] = (tmp_path / dtype / "adapter" / "adapter_model.safetensors").stat().st_size
+        loaded, _ = load_personalized(tiny_bank, tmp_path / dtype, _fresh(tiny_model_dir))
+        assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+        torch.testing.assert_close(logits(loaded, input_ids), want, atol=1e-5 if dtype == "fp32" else 1e-2, rtol=1e-2)
+        tensors = load_tensors(tmp_path / dtype / "adapter" / "adapter_model.safetensors")
+        assert {t.dtype for t in tensors.values()} == {torch.float32 if dtype == "fp32" else torch.bfloat16}
+        sizes[dtype] -= sum(t.numel() * t.element_size() for t in tensors.values())  # the header: alike
+    assert abs(sizes["bf16"] - sizes["fp32"]) <= 8 * len(tensors)
 
 
 def test_personalize_changes_the_model(tiny_bank, tiny_model_dir, users, embedder, input_ids):

@@ -207,7 +207,7 @@ def cmd_personalize(a) -> None:
     jobs = [(find_user(users, a.user_id), Path(a.out))] if a.user_id is not None else store_folders(users, a.out)
     stack = None if a.no_stack else _stack_config(a, bank.task.id)
     fusion = _fusion_config(a, bank.task.id, "merge_only" if a.no_stack else "fusion")
-    results = run_personalize(a.bank, jobs, PersonalizeConfig(fusion, stack, a.retrieve), a.executor, a.ray_address,
+    results = run_personalize(a.bank, jobs, PersonalizeConfig(fusion, stack, a.retrieve, a.adapter_dtype), a.executor, a.ray_address,
                               a.device, a.dtype)
     for (user, folder), (record, size) in zip(jobs, results):
         f = record.fusion
@@ -397,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-stack", action="store_true", help="fusion only: store just the fusion record "
                    "(with the fusion settings tuned for merge-only, where a task's differ from MTA's)")
     s.add_argument("--retrieve", type=int, default=1)
+    s.add_argument("--adapter-dtype", choices=list(ADAPTER_DTYPES), default="fp32",
+                   help="how the stacked LoRA is saved: bf16 halves its bytes (it loads in the model's dtype either way)")
     _model_args(s)
     _executor_args(s, "user")
     s.set_defaults(fn=cmd_personalize)

@@ -32,6 +32,10 @@ def positive(name: str, value: float | int) -> None:
             f"{name} must be a positive number, got {value!r}")
 
 
+def check_adapter_dtype(dtype: str) -> None:
+    require(dtype in ADAPTER_DTYPES, f"unknown adapter dtype {dtype!r}; use {' or '.join(ADAPTER_DTYPES)}")
+
+
 def at_least(name: str, value: int, low: int) -> None:
     require(isinstance(value, int) and not isinstance(value, bool) and value >= low,
             f"{name} must be an integer of at least {low}, got {value!r}")
@@ -198,9 +202,11 @@ class PersonalizeConfig:
     fusion: FusionConfig | None = field(default_factory=FusionConfig)  # None: no fusion (stack-only)
     stack: StackConfig | None = field(default_factory=StackConfig)  # None: no stacking (merge-only)
     num_retrieved: int = 1
+    adapter_dtype: str = "fp32"  # how the user folder keeps the stacked LoRA: "bf16" halves its bytes
 
     def __post_init__(self):
         at_least("retrieved history items", self.num_retrieved, 0)
+        check_adapter_dtype(self.adapter_dtype)
 
 
 @dataclass(frozen=True)

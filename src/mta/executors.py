@@ -87,7 +87,7 @@ def run_personalize(bank_dir: str | Path, jobs: list[tuple[User, Path]], cfg: Pe
 def _personalize_into(bank: Bank, user: User, folder: Path, cfg: PersonalizeConfig, model, tok, embedder, progress: bool):
     """One user, the same for both executors; returns the bare base model again, ready for the next user."""
     model, record = personalize(bank, user, cfg, model, tok, embedder, progress=progress)
-    size = save_user(folder, model, record, user.profile)
+    size = save_user(folder, model, record, user.profile, cfg.adapter_dtype)
     return base_of(model), record, size
 
 

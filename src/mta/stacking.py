@@ -20,11 +20,11 @@ from peft import PeftModel, get_peft_model
 from mta import __version__, fusion_weights
 from mta.adapters import LoraWeights, attach, folded, save_adapter
 from mta.bank import Bank
-from mta.config import PersonalizeConfig, StackConfig, TrainConfig
+from mta.config import ADAPTER_DTYPES, PersonalizeConfig, StackConfig, TrainConfig
 from mta.data.lamp import User, require_profile
 from mta.embedding import profile_embedding
 from mta.fusion import FusionRecord, merge, plan_fusion
-from mta.io import MTAError, atomic_dir, atomic_write_json, read_json
+from mta.io import MTAError, atomic_dir, atomic_save_tensors, atomic_write_json, load_tensors, read_json
 from mta.tasks import loo_examples
 from mta.training import train
 
@@ -159,11 +159,18 @@ def personalize(bank: Bank | None, user: User, cfg: PersonalizeConfig, model, to
     return model, UserRecord(user.user_id, task.id, base_name, bank.fingerprint if bank else None, record, stack)
 
 
-def save_user(folder: str | Path, model, record: UserRecord, profile: list[dict]) -> int:
-    """Write the user's folder atomically; returns the bytes that serving this user needs (adapter + record)."""
+def save_user(folder: str | Path, model, record: UserRecord, profile: list[dict], adapter_dtype: str = "fp32") -> int:
+    """Write the user's folder atomically; returns the bytes that serving this user needs (adapter + record).
+
+    `adapter_dtype` "bf16" keeps the stacked LoRA in half the bytes; it loads in the model's dtype either way.
+    """
     with atomic_dir(folder) as tmp:
         if record.stack is not None:
             save_adapter(model, tmp / "adapter", selected_adapters=[STACK])
+            if adapter_dtype != "fp32":
+                f = tmp / "adapter" / "adapter_model.safetensors"
+                dtype = getattr(torch, ADAPTER_DTYPES[adapter_dtype])
+                atomic_save_tensors(f, {k: v.to(dtype) for k, v in load_tensors(f).items()}, metadata={"format": "pt"})
         atomic_write_json(tmp / "user.json", record.to_dict())
         atomic_write_json(tmp / "profile.json", profile)
     return user_bytes(folder)
@@ -191,7 +198,7 @@ def user_adapters(bank: Bank | None, folder: str | Path) -> tuple[UserRecord, Lo
     """A user folder's record, fused adapter and stacked LoRA, as plain factors."""
     folder = Path(folder)
     record = UserRecord.load(folder)
-    stacked = LoraWeights.from_peft_dir(folder / "adapter") if record.stack is not None else None
+    stacked = LoraWeights.from_peft_dir(folder / "adapter").to(torch.float32) if record.stack is not None else None
     return record, fused_adapter(bank, record), stacked
 
 

@@ -36,7 +36,7 @@ from typing import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 from mta.adapters import LoraWeights
-from mta.config import ADAPTER_DTYPES
+from mta.config import ADAPTER_DTYPES, check_adapter_dtype
 from mta.data.lamp import check_user_id
 from mta.io import MTAError, atomic_write_bytes
 from mta.stacking import UserRecord
@@ -76,8 +76,7 @@ def open_store(where: str | Path, readonly: bool = False, adapter_dtype: str = "
     `readonly` reads a store that a live server may be writing. `adapter_dtype` is how new stacked LoRAs are
     stored ("bf16" halves their bytes); whatever they were stored in, they load as float32.
     """
-    if adapter_dtype not in ADAPTER_DTYPES:
-        raise MTAError(f"unknown adapter dtype {adapter_dtype!r}; use {' or '.join(ADAPTER_DTYPES)}")
+    check_adapter_dtype(adapter_dtype)
     if str(where).startswith(("postgresql://", "postgres://")):
         return PostgresStore(str(where), readonly, adapter_dtype)
     return SQLiteStore(Path(where), readonly, adapter_dtype)
