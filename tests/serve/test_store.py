@@ -62,6 +62,23 @@ def test_round_trip_and_versions(store_at):
         assert store.get("alice").profile == profile + profile and store.get("alice").version == 3
 
 
+def test_import_users_writes_many_in_one_transaction(store_at):
+    with open_store(store_at) as store:
+        store.put(_record("u0"), [{"i": -1}])
+        old = store.set_stacked(_record("u0", {"rank": 2}), _lora(99), expected_version=1)
+        rows = [(_record(f"u{i}", {"rank": 2} if i % 2 == 0 else None), [{"i": i}], _lora(i) if i % 2 == 0 else None) for i in range(5)]
+        assert store.import_users(iter(rows), batch_size=2) == 5
+        users = {uid: store.get(uid) for uid in store.user_ids()}
+        assert [u.profile[0]["i"] for u in users.values()] == list(range(5)) and users["u0"].version == old.version + 1
+        for i, u in enumerate(users.values()):
+            assert (u.adapter is not None) == (i % 2 == 0)
+            if u.adapter:
+                torch.testing.assert_close(store.stacked(u).delta(MODULE), _lora(i).delta(MODULE), rtol=0, atol=0)
+        assert _adapter_files(store_at) == ({u.adapter for u in users.values() if u.adapter} if "://" not in store_at else set())
+        with pytest.raises(MTAError, match="comes with its stacked LoRA"):
+            store.import_users([(_record("u9", {"rank": 2}), [], None)])
+
+
 def test_one_process_owns_a_sqlite_store(tmp_path):
     with open_store(tmp_path / "s") as store:
         assert isinstance(store, SQLiteStore)

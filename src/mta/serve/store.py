@@ -23,8 +23,10 @@ Both backends hold the same tables and keep the same promises, which `UserStore`
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import math
+import os
 import sqlite3
 import threading
 import time
@@ -32,7 +34,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 from mta.adapters import LoraWeights
@@ -107,7 +109,7 @@ class UserStore:
     """What both backends share: the tables, the version check, the adapter format and the jobs' life cycle.
 
     A backend supplies a transaction (`_transaction`, whose `execute` takes '?' placeholders), and where the
-    adapter bytes live (`_stage`, `_unstage`, `_release`, `_adapter_bytes`, `_BYTES`).
+    adapter bytes live (`_stage`, `_unstage`, `_adapter_bytes`, `_BYTES`).
     """
 
     _BYTES = ""  # extra column of `users` that holds the adapter bytes, if the backend keeps them in the row
@@ -130,14 +132,11 @@ class UserStore:
     def _transaction(self):
         raise NotImplementedError
 
-    def _stage(self, adapter: str, data: bytes) -> None:
-        """Make the bytes durable before the row points at them (SQLite's files); nothing where the row holds them."""
+    def _stage(self, staged: dict[str, bytes]) -> None:
+        """Make adapters' bytes durable before rows point at them (SQLite's files); nothing where the row holds them."""
 
-    def _unstage(self, adapter: str) -> None:
-        """Undo `_stage` after a failed commit."""
-
-    def _release(self, adapter: str) -> None:
-        """Free a replaced adapter's bytes, after the commit that replaced it."""
+    def _unstage(self, adapters: list[str]) -> None:
+        """Undo `_stage` after a failed commit; also frees replaced adapters' bytes after the commit that replaced them."""
 
     def _adapter_bytes(self, user: StoredUser) -> bytes:
         raise NotImplementedError
@@ -171,45 +170,75 @@ class UserStore:
 
     def put(self, record: UserRecord, profile: list[dict]) -> StoredUser:
         """Create or replace a user. A new profile drops the stacked LoRA: it was trained on the old one."""
-        check_user_id(record.user_id)
         if record.stack is not None:
             raise MTAError("put() stores a profile and its fusion; a stacked LoRA comes with set_stacked()")
-        cols = "user_id, record, profile, adapter, version, updated" + ", stacked" * bool(self._BYTES)
-        (version,) = self._write(record.user_id, None, None,
-                              f"INSERT INTO users ({cols}) VALUES ({', '.join('?' * len(cols.split(',')))}) "
-                              f"ON CONFLICT (user_id) DO UPDATE SET record = excluded.record, profile = excluded.profile, "
-                              f"adapter = NULL, version = users.version + 1, updated = excluded.updated"
-                              f"{', stacked = NULL' * bool(self._BYTES)} RETURNING version",
-                              (record.user_id, _json(record), json.dumps(profile), None, 1, time.time()) + (None,) * bool(self._BYTES))
+        [(version,)] = self._write({}, [self._upsert(record, profile, None, None)])
         return StoredUser(record, profile, None, version)
+
+    def import_users(self, users: Iterable[tuple[UserRecord, list[dict], LoraWeights | None]], batch_size: int = 256) -> int:
+        """Create or replace many users with their stacked LoRAs (a migration, a benchmark's fill); returns how many.
+
+        One transaction per batch instead of two per user; each batch is durable once written.
+        """
+        count, rest = 0, iter(users)
+        while batch := list(itertools.islice(rest, batch_size)):
+            staged, writes = {}, []
+            for record, profile, stacked in batch:
+                if (record.stack is None) != (stacked is None):
+                    raise MTAError(f"user {record.user_id!r}: a record with stack figures comes with its stacked LoRA, and only then")
+                adapter = f"{uuid.uuid4().hex}.safetensors" if stacked is not None else None
+                if adapter:
+                    staged[adapter] = encode_adapter(stacked, self.adapter_dtype)
+                writes.append(self._upsert(record, profile, adapter, staged.get(adapter)))
+            self._write(staged, writes)
+            count += len(batch)
+        return count
 
     def set_stacked(self, record: UserRecord, stacked: LoraWeights, expected_version: int) -> StoredUser:
         """Attach a trained stacked LoRA, unless the user changed since `expected_version` (StaleUserError)."""
         adapter, data = f"{uuid.uuid4().hex}.safetensors", encode_adapter(stacked, self.adapter_dtype)
-        self._stage(adapter, data)
-        try:
-            version, profile = self._write(record.user_id, adapter, expected_version,
-                                           "UPDATE users SET record = ?, adapter = ?, version = version + 1, updated = ?"
-                                           f"{', stacked = ?' * bool(self._BYTES)} WHERE user_id = ? RETURNING version, profile",
-                                  (_json(record), adapter, time.time()) + (data,) * bool(self._BYTES) + (record.user_id,))
-        except BaseException:
-            self._unstage(adapter)
-            raise
+        [(version, profile)] = self._write({adapter: data}, [(
+            record.user_id, adapter, expected_version,
+            f"UPDATE users SET record = ?, adapter = ?, version = version + 1, updated = ?{', stacked = ?' * bool(self._BYTES)} "
+            "WHERE user_id = ? RETURNING version, profile",
+            (_json(record), adapter, time.time()) + (data,) * bool(self._BYTES) + (record.user_id,))])
         return StoredUser(record, json.loads(profile), adapter, version)
 
-    def _write(self, user_id: str, adapter: str | None, expected_version: int | None, sql: str, params: tuple) -> tuple:
-        """Run one write on the user's locked row, checking its version first; returns what the write RETURNs."""
-        with self._transaction() as db:
-            row = db.execute(f"SELECT adapter, version FROM users WHERE user_id = ?{self._FOR_UPDATE}", (user_id,)).fetchone()
-            if expected_version is not None and row is None:
-                raise StaleUserError(f"user {user_id!r} was removed while their adapter trained")
-            if expected_version is not None and row[1] != expected_version:
-                raise StaleUserError(f"user {user_id!r} changed while their adapter trained (version "
-                                     f"{expected_version} → {row[1]}); adapt again")
-            written = db.execute(sql, params).fetchone()
-        if row and row[0] and row[0] != adapter:
-            self._release(row[0])
-        return written
+    def _upsert(self, record: UserRecord, profile: list[dict], adapter: str | None, data: bytes | None) -> tuple:
+        """The write that creates or replaces a user (a new version, whatever was there)."""
+        check_user_id(record.user_id)
+        cols = "user_id, record, profile, adapter, version, updated" + ", stacked" * bool(self._BYTES)
+        return (record.user_id, adapter, None,
+                f"INSERT INTO users ({cols}) VALUES ({', '.join('?' * len(cols.split(',')))}) ON CONFLICT (user_id) DO UPDATE SET "
+                "record = excluded.record, profile = excluded.profile, adapter = excluded.adapter, version = users.version + 1, "
+                f"updated = excluded.updated{', stacked = excluded.stacked' * bool(self._BYTES)} RETURNING version",
+                (record.user_id, _json(record), json.dumps(profile), adapter, 1, time.time()) + (data,) * bool(self._BYTES))
+
+    def _write(self, staged: dict[str, bytes], writes: list[tuple]) -> list[tuple]:
+        """Stage adapter bytes, then run the writes in one transaction, each on its user's locked row after checking
+        the version it expects (None: any); returns what each write RETURNs. Replaced adapters are freed after the commit.
+
+        A write is (user_id, the adapter it points the user at, expected version, sql, params).
+        """
+        self._stage(staged)
+        out, replaced = [], []
+        try:
+            with self._transaction() as db:
+                for user_id, adapter, expected_version, sql, params in writes:
+                    row = db.execute(f"SELECT adapter, version FROM users WHERE user_id = ?{self._FOR_UPDATE}", (user_id,)).fetchone()
+                    if expected_version is not None and row is None:
+                        raise StaleUserError(f"user {user_id!r} was removed while their adapter trained")
+                    if expected_version is not None and row[1] != expected_version:
+                        raise StaleUserError(f"user {user_id!r} changed while their adapter trained (version "
+                                             f"{expected_version} → {row[1]}); adapt again")
+                    out.append(db.execute(sql, params).fetchone())
+                    if row and row[0] and row[0] != adapter:
+                        replaced.append(row[0])
+        except BaseException:
+            self._unstage(list(staged))
+            raise
+        self._unstage(replaced)
+        return out
 
     def stacked(self, user: StoredUser) -> LoraWeights | None:
         """The user's stacked LoRA factors (scaling folded in, float32), or None before adaptation."""
@@ -325,13 +354,16 @@ class SQLiteStore(UserStore):
                 raise
             self._db.execute("COMMIT")
 
-    def _stage(self, adapter: str, data: bytes) -> None:
-        atomic_write_bytes(self.adapters_dir / adapter, data)  # fsync'd: durable before any row may point at it
+    def _stage(self, staged: dict[str, bytes]) -> None:
+        """Durable before any row may point at them: one fsync per file, or for many files one sync of the file system."""
+        for adapter, data in staged.items():
+            atomic_write_bytes(self.adapters_dir / adapter, data, fsync=len(staged) == 1)
+        if len(staged) > 1:
+            os.sync()
 
-    def _unstage(self, adapter: str) -> None:
-        (self.adapters_dir / adapter).unlink(missing_ok=True)
-
-    _release = _unstage
+    def _unstage(self, adapters: list[str]) -> None:
+        for adapter in adapters:
+            (self.adapters_dir / adapter).unlink(missing_ok=True)
 
     def _adapter_bytes(self, user: StoredUser) -> bytes:
         try:
