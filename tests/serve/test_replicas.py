@@ -48,6 +48,16 @@ def test_routing_key_names_the_user_of_a_request():
         assert routing_key(path, body) is None
 
 
+def test_build_takes_mta_serve_flags(random_bank):
+    """The entry point of Ray Serve config files: `args` are `mta serve` flags without dashes."""
+    from mta.serve.replicas import build
+
+    app = build({"bank": str(random_bank.path), "store": "postgresql://mta@db/mta", "replicas": 3, "max-batch": 4})
+    assert isinstance(app, serve.Application)
+    with pytest.raises(SystemExit):
+        build({"bank": str(random_bank.path)})  # no --store: argparse's usage error
+
+
 def _generate(client, user_id):
     r = client.post("/v1/generate", json={"user_id": user_id, "input": INPUT, "max_new_tokens": 6})
     assert r.status_code == 200, r.text
