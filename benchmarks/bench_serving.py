@@ -70,9 +70,9 @@ def main() -> None:
         model = base_of(peft_model)
         prompts.append(fit(prompt_ids(tok, query_prompt(TASK, u.queries[0].input, u.profile)), 384))
     lora = PerRowLora(model)
-    adapters = [lora.prepare(LoraWeights.concat(list(p))) for p in parts]
-    ranks = {a.shape[1] for a, _ in adapters[0].values()}
-    print(f"{len(adapters[0])} adapted layers, rank {min(ranks)}-{max(ranks)} per user; prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens; "
+    adapters = [(lora.prepare(LoraWeights.concat(list(p))),) for p in parts]
+    ranks = {a.shape[1] for a, _ in adapters[0][0].values()}
+    print(f"{len(adapters[0][0])} adapted layers, rank {min(ranks)}-{max(ranks)} per user; prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens; "
           f"{args.new_tokens} new tokens; torch threads {torch.get_num_threads()}")
 
     n, results = args.new_tokens, []

@@ -48,10 +48,11 @@ def _prompts(tok, dirs, users):
 
 
 def _row_adapters(lora, bank, dirs):
+    """Each user's fused and stacked parts, prepared apart: the rows lay them side by side in rank (as the server does)."""
     out = []
     for d in dirs:
         _, fused, stacked = user_adapters(bank, d)
-        out.append(lora.prepare(LoraWeights.concat([p for p in (fused, stacked) if p is not None])))
+        out.append(tuple(lora.prepare(p) for p in (fused, stacked) if p is not None))
     return out
 
 

@@ -214,7 +214,8 @@ class Server:
         self.embedder = _Locked(embedder)
         self.num_retrieved = cfg.num_retrieved if cfg.num_retrieved is not None else bank.config.num_retrieved
         self.lora = PerRowLora(model)
-        self.cache: LRUCache = LRUCache(cfg.cache_size)
+        self.cache: LRUCache = LRUCache(cfg.cache_size)  # per user: their prepared adapter parts
+        self.fused: LRUCache = LRUCache(cfg.cache_size)  # per fusion record: its prepared fused adapter, shared by users
         self.metrics = Metrics()
         self.batcher = Batcher(self._run_batch, cfg.max_batch, cfg.max_queue, cfg.max_wait_ms / 1000)
         self.id = uuid.uuid4().hex  # this server instance: it owns the adapt jobs it runs, and renews their leases
@@ -261,17 +262,25 @@ class Server:
             raise HTTPException(404, f"unknown user {user_id!r}: PUT /v1/users/{{user_id}} first, or send a profile inline")
         else:
             raise HTTPException(422, "pass a user_id, or a profile to fuse on the fly")
-        key = (self.bank.fingerprint, json.dumps(record.fusion.to_dict(), sort_keys=True), adapter_file)
+        key = (*self._fusion_key(record), adapter_file)
         adapter = self.cache.get(key, lambda: self._prepare(record, stored))
         prompt = fit(prompt_ids(self.tokenizer, query_prompt(self.task, text, profile, self.num_retrieved)), self.cfg.max_prompt_tokens)
         return Row(prompt, adapter, max_new_tokens or self.task.max_new_tokens)
 
-    def _prepare(self, record: UserRecord, stored: StoredUser | None):
+    def _prepare(self, record: UserRecord, stored: StoredUser | None) -> tuple:
+        """A user's adapter parts: the fused one, shared with every user fused alike (k anchors of rank r on every
+        layer, megabytes), and their own stacked LoRA (kilobytes), read from the store."""
         start = time.perf_counter()
-        parts = [fused_adapter(self.bank, record), self.store.stacked(stored) if stored else None]
-        prepared = self.lora.prepare(LoraWeights.concat([p for p in parts if p is not None]))
+        fused = self.fused.get(self._fusion_key(record), lambda: self._prepared(fused_adapter(self.bank, record)))
+        parts = tuple(p for p in (fused, self._prepared(self.store.stacked(stored) if stored else None)) if p is not None)
         self.metrics.observe_adapter_load(time.perf_counter() - start)
-        return prepared
+        return parts
+
+    def _fusion_key(self, record: UserRecord) -> tuple:
+        return self.bank.fingerprint, json.dumps(record.fusion.to_dict() if record.fusion else None, sort_keys=True)
+
+    def _prepared(self, weights: LoraWeights | None):
+        return self.lora.prepare(weights) if weights is not None else None
 
     async def generate(self, row: Row) -> tuple[str, RowOutput]:
         try:

@@ -5,10 +5,12 @@ the rows' LoRA factors are gathered into [batch, in, rank] and [batch, rank, out
 
     y = W x + (x Aᵀ_row) Bᵀ_row
 
-costs two batched matmuls for the whole batch whatever the number of distinct users. A user's factors
-are their fused adapter and their stacked LoRA side by side in the rank dimension (`LoraWeights.concat`:
-the exact sum of both updates); rows of lower rank, or with no adapter at all, are zero-padded, and
-zeros add nothing. The layers are hooked only while a batch runs, so outside it the model is untouched.
+costs two batched matmuls for the whole batch whatever the number of distinct users. A row's adapter is
+a tuple of parts — a user's fused adapter and their stacked LoRA — laid side by side in the rank dimension
+when a batch is gathered (as `LoraWeights.concat` would: the exact sum of the updates), so users fused
+alike share one prepared fused part in memory. Rows of lower rank, or with no adapter at all, are
+zero-padded, and zeros add nothing. The layers are hooked only while a batch runs, so outside it the
+model is untouched.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from mta.config import Decoding
 from mta.generation import rules as decoding_rules
 
 Factors = dict[str, tuple[Tensor, Tensor]]  # module path → (Aᵀ [in, r], Bᵀ [r, out]), in the model's dtype and device
+Adapter = tuple[Factors, ...]  # a row's parts, side by side in rank; () or None: the base model alone
 T = TypeVar("T")
 
 
@@ -80,12 +83,12 @@ class PerRowLora:
             return copy.deepcopy(self.model)
 
     @contextmanager
-    def rows(self, adapters: list[Factors | None]) -> Iterator[None]:
-        """Within the block, row i of every forward gets adapters[i] (None: the base model alone)."""
+    def rows(self, adapters: list[Adapter | None]) -> Iterator[None]:
+        """Within the block, row i of every forward gets the sum of adapters[i]'s parts (None: the base model alone)."""
         with self._lock:
             handles = []
             try:
-                for name in sorted(set().union(*(f for f in adapters if f))):
+                for name in sorted(set().union(*(f for parts in adapters if parts for f in parts))):
                     at, bt = self._gather(name, adapters)
                     handles.append(self.linears[name].register_forward_hook(_lora_hook(at, bt)))
                 yield
@@ -93,16 +96,18 @@ class PerRowLora:
                 for h in handles:
                     h.remove()
 
-    def _gather(self, name: str, adapters: list[Factors | None]) -> tuple[Tensor, Tensor]:
+    def _gather(self, name: str, adapters: list[Adapter | None]) -> tuple[Tensor, Tensor]:
         layer = self.linears[name]
-        rank = max(f[name][0].shape[1] for f in adapters if f and name in f)
+        parts = [[f[name] for f in row or () if name in f] for row in adapters]
+        rank = max(sum(a.shape[1] for a, _ in row) for row in parts)
         at = torch.zeros(len(adapters), layer.in_features, rank, dtype=self.dtype, device=self.device)
         bt = torch.zeros(len(adapters), rank, layer.out_features, dtype=self.dtype, device=self.device)
-        for i, f in enumerate(adapters):
-            if f and name in f:
-                a, b = f[name]
-                at[i, :, : a.shape[1]] = a
-                bt[i, : b.shape[0]] = b
+        for i, row in enumerate(parts):
+            start = 0
+            for a, b in row:
+                at[i, :, start: start + a.shape[1]] = a
+                bt[i, start: start + b.shape[0]] = b
+                start += a.shape[1]
         return at, bt
 
 
@@ -116,7 +121,7 @@ def _lora_hook(at: Tensor, bt: Tensor):
 @dataclass
 class Row:
     prompt: list[int]  # token ids, already formatted and fitted
-    adapter: Factors | None
+    adapter: Adapter | None
     max_new_tokens: int
 
 
