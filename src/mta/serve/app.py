@@ -193,7 +193,7 @@ class Metrics:
             out += self.batch_size.lines("mta_batch_size")
             out += ["# HELP mta_batch_seconds Time to generate one batch.", "# TYPE mta_batch_seconds histogram"]
             out += self.batch_seconds.lines("mta_batch_seconds")
-            out += ["# HELP mta_adapter_load_seconds Time to read a user's adapter from the store and prepare it (cache misses).",
+            out += ["# HELP mta_adapter_load_seconds Time to read a user's stacked LoRA from the store and prepare it (cache misses).",
                     "# TYPE mta_adapter_load_seconds histogram"]
             out += self.adapter_load_seconds.lines("mta_adapter_load_seconds")
             out += ["# HELP mta_generated_tokens_total Tokens generated.", "# TYPE mta_generated_tokens_total counter",
@@ -269,12 +269,16 @@ class Server:
 
     def _prepare(self, record: UserRecord, stored: StoredUser | None) -> tuple:
         """A user's adapter parts: the fused one, shared with every user fused alike (k anchors of rank r on every
-        layer, megabytes), and their own stacked LoRA (kilobytes), read from the store."""
-        start = time.perf_counter()
+        layer, megabytes), and their own stacked LoRA (kilobytes), read from the store.
+
+        With k = 1 (the default) users fused to the same anchor share one fused part; with k ≥ 2 their weights
+        differ, so each cached user holds their own.
+        """
         fused = self.fused.get(self._fusion_key(record), lambda: self._prepared(fused_adapter(self.bank, record)))
-        parts = tuple(p for p in (fused, self._prepared(self.store.stacked(stored) if stored else None)) if p is not None)
+        start = time.perf_counter()
+        stacked = self._prepared(self.store.stacked(stored) if stored else None)
         self.metrics.observe_adapter_load(time.perf_counter() - start)
-        return parts
+        return tuple(p for p in (fused, stacked) if p is not None)
 
     def _fusion_key(self, record: UserRecord) -> tuple:
         return self.bank.fingerprint, json.dumps(record.fusion.to_dict() if record.fusion else None, sort_keys=True)
