@@ -90,7 +90,9 @@ def encode_adapter(weights: LoraWeights, dtype: str = "fp32") -> bytes:
     from safetensors.torch import save
 
     w = weights.to(getattr(torch, ADAPTER_DTYPES[dtype]), "cpu")
-    return save({k: v.contiguous() for k, v in w.peft_state_dict().items()}, metadata=_FORMAT)
+    # module paths without PEFT's "base_model.model." prefix: the header is repeated for every user (~0.5 KB less each)
+    tensors = {f"{n}.lora_{x}.weight": t.contiguous() for n, (a, b) in w.modules.items() for x, t in (("A", a), ("B", b))}
+    return save(tensors, metadata=_FORMAT)
 
 
 def decode_adapter(data: bytes, where: str) -> LoraWeights:
