@@ -10,7 +10,7 @@ from conftest import logits
 from peft import PeftModel
 
 from mta import fusion_weights
-from mta.adapters import LoraWeights, folded
+from mta.adapters import folded
 from mta.config import FusionConfig, PersonalizeConfig, StackConfig, TrainConfig
 from mta.data.lamp import User
 from mta.export import export_user
@@ -165,7 +165,7 @@ def test_reloaded_exported_and_served_outputs_equal_the_in_process_model(learned
     served_model = load_base(str(tiny_model_dir), device="cpu")[0]
     lora = PerRowLora(served_model)
     _, fused, stacked = user_adapters(random_bank, folder)
-    with lora.rows([lora.prepare(LoraWeights.concat([fused, stacked]))]):
+    with lora.rows([(lora.prepare(fused), lora.prepare(stacked))]):  # the parts the server gathers side by side
         served = logits(served_model, input_ids)
     torch.testing.assert_close(served, ours, atol=1e-4, rtol=1e-4)
 
