@@ -273,6 +273,8 @@ def test_argparse_errors_exit_2(capsys):
 
 
 def test_serve_store_errors_are_one_line(capsys, pipeline, tmp_path):
+    pytest.importorskip("psycopg")
+    pytest.importorskip("uvicorn")
     bank = pipeline[0] / "bank"
     err = _fails(capsys, ["serve", "--bank", bank, "--store", "postgresql://mta:secret@127.0.0.1:1/mta"],
                  "cannot connect to the user store at postgresql://mta:***@127.0.0.1:1/mta: ")
