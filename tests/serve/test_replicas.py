@@ -92,6 +92,7 @@ def test_two_replicas_route_by_user_and_share_the_store(serve_port, postgres_url
         polled.add(r.headers[REPLICA_HEADER])
         time.sleep(0.2)
     assert r.json()["status"] == "done", r.json()
+    assert polled <= set(home.values())
     adapted = _generate(client, "u0")
     assert adapted[0] == home["u0"]
 
