@@ -3,6 +3,7 @@
 import contextlib
 import io
 import json
+import re
 import shutil
 
 import pytest
@@ -124,7 +125,7 @@ def _fails(capsys, argv, message):
     rc = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     assert rc == 2
-    assert err.startswith("mta: error: ") and len(err.strip().splitlines()) == 1, err
+    assert re.match(r"mta( [a-z]+)*: error: ", err) and len(err.strip().splitlines()) == 1, err
     assert message in err, err
     return err
 
@@ -266,10 +267,7 @@ def test_eval_bad_predictions(capsys, tmp_path, movie_data, preds, message):
 
 
 def test_argparse_errors_exit_2(capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["personalize", "--merge", "ties"])
-    assert e.value.code == 2
-    assert "invalid choice: 'ties'" in capsys.readouterr().err
+    _fails(capsys, ["personalize", "--merge", "ties"], "invalid choice: 'ties'")
 
 
 def test_serve_store_errors_are_one_line(capsys, pipeline, tmp_path):
@@ -282,3 +280,109 @@ def test_serve_store_errors_are_one_line(capsys, pipeline, tmp_path):
     _fails(capsys, ["serve", "--bank", bank, "--store", tmp_path / "store", "--replicas", "2"], "--replicas needs a store they can share")
     _fails(capsys, ["serve", "--bank", bank, "--store", "postgresql://x@127.0.0.1:1/x", "--replicas", "2", "--max-replicas", "1"],
            "--max-replicas at least --replicas")
+
+
+def test_help_exits_0(capsys):
+    assert main(["bank", "build", "--help"]) == 0 and "--num-clusters" in capsys.readouterr().out
+
+
+def _bad_arguments():
+    """(argv with DATA and OUT placeholders, what the one-line error says): every number and path checked at parse time."""
+    build = ["bank", "build", "--task", "LaMP-2", "--data", "DATA", "--out", "OUT"]
+    personalize = ["personalize", "--bank", "OUT", "--user-data", "DATA", "--user-id", "1", "--out", "OUT"]
+    generate = ["generate", "--bank", "OUT", "--user", "OUT"]
+    serve = ["serve", "--bank", "OUT", "--store", "OUT"]
+    bench = ["bench", "--task", "LaMP-2", "--data", "DATA", "--out", "OUT"]
+    return [
+        (build + ["--rank", "0"], "argument --rank: value must be an integer of at least 1, got 0"),
+        (build + ["--num-clusters", "0"], "argument --num-clusters: value must be an integer of at least 1"),
+        (build + ["--min-history", "-1"], "argument --min-history:"),
+        (build + ["--lr", "-1"], "argument --lr: value must be a positive number, got -1.0"),
+        (build + ["--lr", "nan"], "argument --lr: value must be a positive number, got nan"),
+        (build + ["--lr", "inf"], "argument --lr: value must be a positive number, got inf"),
+        (build + ["--batch-size", "0"], "argument --batch-size: value must be an integer of at least 1"),
+        (build + ["--max-length", "0"], "argument --max-length: value must be an integer of at least 64, got 0"),
+        (build + ["--max-length", "5"], "argument --max-length: value must be an integer of at least 64, got 5"),
+        (build + ["--epochs", "0"], "argument --epochs: value must be a positive number, got 0.0"),
+        (build + ["--epochs", "-1"], "argument --epochs: value must be a positive number, got -1.0"),
+        (build + ["--epochs", "two"], "argument --epochs: expected a number, got 'two'"),
+        (build + ["--retrieve", "-1"], "argument --retrieve: value must be an integer of at least 0, got -1"),
+        (build + ["--seed", "-1"], "argument --seed:"),
+        (build + ["--rank", "1.5"], "argument --rank: expected an integer, got '1.5'"),
+        (["bank", "build", "--task", "LaMP-2", "--data", "nope.json", "--out", "OUT"], "argument --data: no such file: nope.json"),
+        (personalize + ["--k", "0"], "argument --k: value must be an integer of at least 1"),
+        (personalize + ["--temperature", "0"], "argument --temperature: value must be a positive number, got 0.0"),
+        (personalize + ["--fusion-scale", "-0.5"], "argument --fusion-scale:"),
+        (personalize + ["--stack-top-layers", "0"], "argument --stack-top-layers:"),
+        (personalize + ["--svd-rank", "0"], "argument --svd-rank:"),
+        (generate + ["--max-new-tokens", "0"], "argument --max-new-tokens: value must be an integer of at least 1, got 0"),
+        (generate + ["--max-new-tokens", "-5"], "argument --max-new-tokens: value must be an integer of at least 1, got -5"),
+        (generate + ["--input", ""], "argument --input: the text is empty"),
+        (generate + ["--input", "  "], "argument --input: the text is empty"),
+        (generate + ["--data", "DATA", "--out", "OUT"], "argument --out: OUT is a folder; name a file to write"),
+        (generate + ["--input", "x", "--no-repeat-ngram", "-1"], "argument --no-repeat-ngram:"),
+        (["eval", "--task", "2", "--predictions", "nope.json", "--data", "DATA"], "argument --predictions: no such file: nope.json"),
+        (serve + ["--port", "99999"], "argument --port: a port must lie in 1-65535, got 99999"),
+        (serve + ["--port", "0"], "argument --port: a port must lie in 1-65535, got 0"),
+        (serve + ["--max-batch", "0"], "argument --max-batch: value must be an integer of at least 1, got 0"),
+        (serve + ["--max-queue", "0"], "argument --max-queue:"),
+        (serve + ["--max-wait-ms", "-1"], "argument --max-wait-ms: value must be 0 or more"),
+        (serve + ["--threads", "0"], "argument --threads:"),
+        (bench + ["--eval-fraction", "1.5"], "argument --eval-fraction: value must lie strictly between 0 and 1"),
+        (bench + ["--limit-users", "0"], "argument --limit-users:"),
+        (bench + ["--history-sizes", "2,0"], "argument --history-sizes: value must be an integer of at least 1, got 0"),
+        (bench + ["--bank-fractions", "0.5,x"], "argument --bank-fractions: expected comma-separated numbers, e.g. 0.25,0.5,1, got '0.5,x'"),
+        (personalize + ["--pick-scale", "0.5,-1"], "argument --pick-scale: value must be a positive number, got -1.0"),
+        (personalize + ["--learn-lr", "0"], "argument --learn-lr:"),
+        (bench + ["--bank-lr", "0"], "argument --bank-lr:"),
+        (bench + ["--stack-only-epochs", "-1"], "argument --stack-only-epochs:"),
+        (["export", "--bank", "OUT", "--user", "OUT", "--out", "OUT", "--pad-rank", "0"], "argument --pad-rank:"),
+        (["demo", "--users", "0"], "argument --users:"),
+    ]
+
+
+@pytest.mark.parametrize("argv, message", _bad_arguments(), ids=lambda x: " ".join(x[-2:]) if isinstance(x, list) else None)
+def test_bad_arguments_fail_at_parse_time(capsys, tmp_path, movie_data, argv, message):
+    """One line, exit 2, before anything is loaded or written (OUT is an empty folder and stays one)."""
+    (tmp_path / "OUT").mkdir()
+    fill = {"DATA": str(movie_data), "OUT": str(tmp_path / "OUT")}
+    _fails(capsys, [fill.get(a, a) for a in argv], message.replace("OUT", str(tmp_path / "OUT")))
+    assert list((tmp_path / "OUT").iterdir()) == []
+
+
+# -- --out never replaces what mta did not write ---------------------------------------------------------------------
+
+def test_personalize_refuses_a_folder_it_did_not_write(capsys, pipeline, tmp_path, movie_data):
+    root, _ = pipeline
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    for extra in ([], ["--overwrite"]):
+        _fails(capsys, _personalize(root / "bank", movie_data, "1", tmp_path / "mine", *extra),
+               "is a folder that is not an mta user folder (no user.json): mta never replaces it")
+    assert snapshot(tmp_path / "mine") == {"notes.txt": b"keep me"}
+
+
+def test_personalize_never_replaces_the_folder_of_user_folders(capsys, pipeline, tmp_path, movie_data):
+    root, _ = pipeline
+    shutil.copytree(root / "users", tmp_path / "users")
+    before = snapshot(tmp_path / "users")
+    _fails(capsys, _personalize(root / "bank", movie_data, "1", tmp_path / "users", "--overwrite"), "is a folder that is not an mta user folder")
+    # without --user-id the users go below --out: a user folder given as --out is refused
+    _fails(capsys, ["personalize", "--bank", root / "bank", "--user-data", movie_data, "--out", tmp_path / "users" / "0", *FAST],
+           "is a user folder: without --user-id every user is written to --out/<user_id>/")
+    (tmp_path / "users" / "7").mkdir()  # a folder of someone else's where user 7's would go
+    (tmp_path / "users" / "7" / "data.bin").write_bytes(b"x")
+    _fails(capsys, ["personalize", "--bank", root / "bank", "--user-data", movie_data, "--out", tmp_path / "users", "--overwrite",
+                    *FAST], f"{tmp_path / 'users' / '7'} is a folder that is not an mta user folder")
+    assert snapshot(tmp_path / "users") == {**before, "7/data.bin": b"x"}
+
+
+def test_personalize_replaces_its_own_user_folder_only_with_overwrite(capsys, pipeline, tmp_path, movie_data):
+    root, _ = pipeline
+    shutil.copytree(root / "users" / "0", tmp_path / "0")
+    before = snapshot(tmp_path / "0")
+    _fails(capsys, _personalize(root / "bank", movie_data, "0", tmp_path / "0"), "already holds an mta user folder; pass --overwrite")
+    assert snapshot(tmp_path / "0") == before
+    rc, _, err = _run(*_personalize(root / "bank", movie_data, "0", tmp_path / "0", "--overwrite", "--no-stack"))
+    assert rc == 0, err
+    assert not (tmp_path / "0" / "adapter").exists() and json.loads((tmp_path / "0" / "user.json").read_text())["stack"] is None

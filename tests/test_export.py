@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import logits
+from conftest import logits, snapshot
 from peft import PeftModel
 
 from mta.cli import main
@@ -80,3 +80,20 @@ def test_cli_exports_folders_and_live_store_users(tmp_path, random_bank, user_di
         from_store = export_stored_user(random_bank, store, "alice", tmp_path / "f")
     assert all(torch.equal(from_store.delta(n), from_folder.delta(n)) for n in from_folder.modules)
     assert (tmp_path / "c" / "adapter_model.safetensors").read_bytes() == (tmp_path / "e" / "adapter_model.safetensors").read_bytes()
+
+
+def test_cli_export_never_replaces_what_it_did_not_write(tmp_path, random_bank, user_dir, capsys):
+    argv = ["export", "--bank", str(random_bank.path), "--user", str(user_dir), "--out", str(tmp_path / "out")]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("keep me")
+    assert main(argv) == 2 and main([*argv, "--overwrite"]) == 2
+    assert "is a folder that is not an mta export (no mta_export.json)" in capsys.readouterr().err
+    assert snapshot(tmp_path / "out") == {"notes.txt": b"keep me"}
+
+    (tmp_path / "out" / "notes.txt").unlink()  # empty: written
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "out" / "mta_export.json").read_text())["user_id"] == "alice"
+    before = snapshot(tmp_path / "out")
+    capsys.readouterr()
+    assert main(argv) == 2 and "already holds an mta export; pass --overwrite" in capsys.readouterr().err
+    assert main([*argv, "--overwrite", "--pad-rank", "16"]) == 0 and snapshot(tmp_path / "out") != before

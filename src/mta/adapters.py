@@ -10,13 +10,14 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from peft.utils.other import get_pattern_key
 from torch import Tensor, nn
 
-from mta.io import MTAError, atomic_dir, atomic_save_tensors, load_tensors, read_json
+from mta.io import MTAError, atomic_dir, atomic_save_tensors, atomic_write_json, load_tensors, read_json
 
 _PREFIX = "base_model.model."
 
@@ -101,14 +102,17 @@ class LoraWeights:
         r = self.rank
         return LoraConfig(r=r, lora_alpha=r, target_modules=sorted(self.modules), lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
 
-    def save_peft_dir(self, path: str | Path, base_model: str | None = None) -> None:
-        """A standard PEFT adapter folder (scaling 1), loadable by PeftModel.from_pretrained and vLLM."""
+    def save_peft_dir(self, path: str | Path, base_model: str | None = None, extra: dict[str, Any] | None = None) -> None:
+        """A standard PEFT adapter folder (scaling 1), loadable by PeftModel.from_pretrained and vLLM; `extra`: more
+        JSON files ({name: content}) written with it in one atomic step."""
         w = self.padded(self.rank)
         cfg = w.lora_config()
         cfg.base_model_name_or_path = base_model
         with atomic_dir(path) as tmp:
             cfg.save_pretrained(tmp)
             atomic_save_tensors(tmp / "adapter_model.safetensors", w.peft_state_dict())
+            for name, content in (extra or {}).items():
+                atomic_write_json(tmp / name, content)
 
 
 def save_adapter(model: PeftModel, folder: str | Path, **kwargs) -> None:

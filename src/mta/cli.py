@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from mta.config import (
     BENCH_METHODS,
     DEFAULT_EMBEDDER,
     DEFAULT_MODEL,
+    MIN_MAX_LENGTH,
     AnchorConfig,
     BankConfig,
     BenchConfig,
@@ -23,9 +25,61 @@ from mta.config import (
     ServeConfig,
     StackConfig,
     anchor_training,
+    at_least,
+    positive,
+    require,
 )
-from mta.io import MTAError
+from mta.io import MTAError, check_replaceable
 from mta.presets import preset
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (not its usage block) and exits 2, like every mta error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _checked(convert, check, expected: str):
+    """An argparse type: `convert` the text, then `check` the value with mta.config's own rules (one source of limits)."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        try:
+            check(value)
+        except MTAError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+
+    parse.__name__ = expected  # argparse names the type in some messages
+    return parse
+
+
+def _int_at_least(low: int):
+    return _checked(int, lambda v: at_least("value", v, low), "an integer")
+
+
+COUNT, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)  # e.g. --rank / --retrieve
+MAX_LENGTH = _int_at_least(MIN_MAX_LENGTH)
+RATE = _checked(float, lambda v: positive("value", v), "a number")  # finite and > 0: --lr, --epochs, --temperature
+WAIT_MS = _checked(float, lambda v: require(v >= 0 and v != float("inf"), f"value must be 0 or more, got {v!r}"), "a number")
+AMOUNT = _checked(float, lambda v: require(math.isfinite(v) and v >= 0, f"value must be 0 or more, got {v!r}"), "a number")
+FRACTION = _checked(float, lambda v: require(0 < v < 1, f"value must lie strictly between 0 and 1, got {v!r}"), "a number")
+PORT = _checked(int, lambda v: require(1 <= v <= 65535, f"a port must lie in 1-65535, got {v}"), "a port number")
+TEXT = _checked(str, lambda v: require(bool(v.strip()), "the text is empty"), "text")
+IN_FILE = _checked(Path, lambda v: require(v.is_file(), f"no such file: {v}"), "a file")
+OUT_FILE = _checked(Path, lambda v: require(not v.is_dir(), f"{v} is a folder; name a file to write"), "a file")
+
+
+def _split(convert):
+    return lambda text: [convert(x) for x in text.split(",") if x.strip()]
+
+
+COUNTS = _checked(_split(int), lambda v: [at_least("value", x, 1) for x in v], "comma-separated integers, e.g. 2,4,8")
+RATES = _checked(_split(float), lambda v: [positive("value", x) for x in v], "comma-separated numbers, e.g. 0.25,0.5,1")
 
 
 def _quiet_hf() -> None:
@@ -68,28 +122,14 @@ def _given(config, **flags):
 TUNED = "or the task's tuned value (mta.presets)"
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 2,4,8; got {text!r}") from None
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 0.25,0.5,1; got {text!r}") from None
-
-
 def _train_args(p: argparse.ArgumentParser, d, tuned: bool = False) -> None:
     """Training flags; unset ones keep `d`'s values (and, with `tuned`, the task's preset)."""
     more = f", {TUNED}" if tuned else ""
-    p.add_argument("--epochs", type=float, help=f"default {d.epochs}{more}")
-    p.add_argument("--lr", type=float, help=f"default {d.learning_rate}{more}")
-    p.add_argument("--batch-size", type=int, help=f"default {d.batch_size}")
-    p.add_argument("--max-length", type=int, help=f"default {d.max_length}")
-    p.add_argument("--seed", type=int, help=f"default {d.seed}")
+    p.add_argument("--epochs", type=RATE, help=f"default {d.epochs}{more}")
+    p.add_argument("--lr", type=RATE, help=f"default {d.learning_rate}{more}")
+    p.add_argument("--batch-size", type=COUNT, help=f"default {d.batch_size}")
+    p.add_argument("--max-length", type=MAX_LENGTH, help=f"default {d.max_length} (at least {MIN_MAX_LENGTH})")
+    p.add_argument("--seed", type=NON_NEGATIVE, help=f"default {d.seed}")
     _precision_args(p)
 
 
@@ -101,20 +141,20 @@ def _train_config(a, d):
 def _fusion_args(p: argparse.ArgumentParser, svd: bool = False) -> None:
     """Fusion flags; unset ones keep FusionConfig's defaults or the task's tuned ones."""
     d = FusionConfig()
-    p.add_argument("--k", type=int, help=f"anchors fused per user (default {d.k}, {TUNED})")
+    p.add_argument("--k", type=COUNT, help=f"anchors fused per user (default {d.k}, {TUNED})")
     p.add_argument("--weighting", choices=["normalized", "softmax"], help=f"default {d.weighting}, {TUNED}")
-    p.add_argument("--temperature", type=float, help=f"softmax weighting (default {d.temperature}, {TUNED})")
+    p.add_argument("--temperature", type=RATE, help=f"softmax weighting (default {d.temperature}, {TUNED})")
     p.add_argument("--merge", choices=["exact", "linear", "svd", "recipe"], help=f"default {d.merge}, {TUNED}")
-    p.add_argument("--fusion-scale", type=float, help=f"the fused weights' sum (default {d.scale}, {TUNED})")
+    p.add_argument("--fusion-scale", type=RATE, help=f"the fused weights' sum (default {d.scale}, {TUNED})")
     p.add_argument("--fusion-adapt", choices=["fixed", "pick", "learn", "learn-layer"], help="per user: fixed weights; pick k "
                    "and scale by the loss on the user's examples; learn the weights with the stack (per anchor, or per anchor "
                    f"and layer) (default {d.adapt}, {TUNED})")
-    p.add_argument("--pick-k", type=_int_list, metavar="K,K,...", help="--fusion-adapt pick: the k to try (default: --k alone)")
-    p.add_argument("--pick-scale", type=_float_list, metavar="S,S,...",
+    p.add_argument("--pick-k", type=COUNTS, metavar="K,K,...", help="--fusion-adapt pick: the k to try (default: --k alone)")
+    p.add_argument("--pick-scale", type=RATES, metavar="S,S,...",
                    help=f"--fusion-adapt pick: the scales to try (default {','.join(f'{x:g}' for x in d.pick_scale)})")
-    p.add_argument("--learn-lr", type=float, help=f"--fusion-adapt learn*: the weights' learning rate (default {d.learn_lr:g}, {TUNED})")
+    p.add_argument("--learn-lr", type=RATE, help=f"--fusion-adapt learn*: the weights' learning rate (default {d.learn_lr:g}, {TUNED})")
     if svd:
-        p.add_argument("--svd-rank", type=int, default=None)
+        p.add_argument("--svd-rank", type=COUNT, default=None)
 
 
 def _fusion_config(a, task_id: str, field: str = "fusion", per_user: bool = True):
@@ -126,7 +166,7 @@ def _fusion_config(a, task_id: str, field: str = "fusion", per_user: bool = True
 
 
 def _decoding_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-repeat-ngram", type=int, metavar="N",
+    p.add_argument("--no-repeat-ngram", type=NON_NEGATIVE, metavar="N",
                    help=f"no N tokens in a row twice in an output; 0: off (default 0, {TUNED})")
 
 
@@ -138,7 +178,7 @@ def _stack_args(p: argparse.ArgumentParser) -> None:
     """Stacked-LoRA flags; unset ones keep StackConfig's defaults or the task's tuned ones."""
     d = StackConfig()
     p.add_argument("--stack-rank", type=int, choices=[1, 2, 3, 4], help=f"default {d.rank}, {TUNED}")
-    p.add_argument("--stack-top-layers", type=int, help=f"stacked LoRA on the top N decoder layers only (default "
+    p.add_argument("--stack-top-layers", type=COUNT, help=f"stacked LoRA on the top N decoder layers only (default "
                    f"{d.top_layers or 'every layer'}, {TUNED}; more than the model has: every layer)")
     p.add_argument("--stack-modules", nargs="+", metavar="NAME", help=f"the linear layers the stacked LoRA adapts, e.g. "
                    f"q_proj v_proj (default: PEFT's for the architecture, {TUNED})")
@@ -148,12 +188,12 @@ def _stack_args(p: argparse.ArgumentParser) -> None:
 def _bench_stack_args(p: argparse.ArgumentParser, field: str, d, who: str) -> None:
     """`mta bench` tunes three stacked LoRAs apart: --stack-* (mta), --stack-only-* and --recipe-stack-*."""
     flag = "--" + field.replace("_", "-")
-    p.add_argument(f"{flag}-rank", type=int, help=f"{who} (default {d.rank}, {TUNED})")
-    p.add_argument(f"{flag}-top-layers", type=int,
+    p.add_argument(f"{flag}-rank", type=COUNT, help=f"{who} (default {d.rank}, {TUNED})")
+    p.add_argument(f"{flag}-top-layers", type=COUNT,
                    help=f"{who} (default {d.top_layers or 'every layer'}, {TUNED}); more than the model has: every layer")
     p.add_argument(f"{flag}-modules", nargs="+", metavar="NAME", help=f"{who} (default: PEFT's for the architecture, {TUNED})")
-    p.add_argument(f"{flag}-epochs", type=float, help=f"{who} (default {d.train.epochs}, {TUNED})")
-    p.add_argument(f"{flag}-lr", type=float, help=f"{who} (default {d.train.learning_rate}, {TUNED})")
+    p.add_argument(f"{flag}-epochs", type=RATE, help=f"{who} (default {d.train.epochs}, {TUNED})")
+    p.add_argument(f"{flag}-lr", type=RATE, help=f"{who} (default {d.train.learning_rate}, {TUNED})")
 
 
 def _bench_stack(a, field: str, d):
@@ -201,10 +241,20 @@ def cmd_personalize(a) -> None:
     from mta.bank import Bank
     from mta.data.lamp import find_user, load_users
     from mta.executors import run_personalize, store_folders
+    from mta.stacking import USER_FILE
 
     bank = Bank.load(a.bank)
     users = load_users(a.user_data, bank.task)
-    jobs = [(find_user(users, a.user_id), Path(a.out))] if a.user_id is not None else store_folders(users, a.out)
+    out = Path(a.out)
+    if a.user_id is not None:
+        jobs = [(find_user(users, a.user_id), out)]
+    elif out.is_file() or (out / USER_FILE).exists():
+        raise MTAError(f"{out} is {'a file' if out.is_file() else 'a user folder'}: without --user-id every user is "
+                       f"written to --out/<user_id>/; pass --user-id, or a folder for all the users")
+    else:
+        jobs = store_folders(users, out)
+    for _, folder in jobs:  # before any training: nothing mta did not write is ever replaced
+        check_replaceable(folder, USER_FILE, "user folder", a.overwrite)
     stack = None if a.no_stack else _stack_config(a, bank.task.id)
     fusion = _fusion_config(a, bank.task.id, "merge_only" if a.no_stack else "fusion")
     results = run_personalize(a.bank, jobs, PersonalizeConfig(fusion, stack, a.retrieve, a.adapter_dtype), a.executor, a.ray_address,
@@ -216,9 +266,11 @@ def cmd_personalize(a) -> None:
 
 
 def _user_folders(path: Path) -> list[Path]:
-    if (path / "user.json").exists():
+    from mta.stacking import USER_FILE
+
+    if (path / USER_FILE).exists():
         return [path]
-    folders = sorted(p for p in path.iterdir() if (p / "user.json").exists()) if path.is_dir() else []
+    folders = sorted(p for p in path.iterdir() if (p / USER_FILE).exists()) if path.is_dir() else []
     if not folders:
         raise MTAError(f"{path} is neither a user folder (with user.json) nor a folder of them")
     return folders
@@ -345,11 +397,12 @@ def cmd_serve(a) -> None:
 
 def cmd_export(a) -> None:
     from mta.bank import Bank
-    from mta.export import export_stored_user, export_user, vllm_rank
+    from mta.export import EXPORT_FILE, export_stored_user, export_user, vllm_rank
     from mta.serve.store import open_store
 
     if (a.user is None) == (a.store is None) or (a.store is not None and a.user_id is None):
         raise MTAError("pass --user FOLDER (from mta personalize), or --store DIR and --user-id ID (from mta serve)")
+    check_replaceable(a.out, EXPORT_FILE, "export", a.overwrite)
     bank = Bank.load(a.bank)
     if a.store is not None:
         with open_store(a.store, readonly=True) as store:
@@ -361,23 +414,23 @@ def cmd_export(a) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mta", description="Merge-then-Adapt personalized LLMs")
+    p = _Parser(prog="mta", description="Merge-then-Adapt personalized LLMs")
     sub = p.add_subparsers(dest="command", required=True)
 
     bank = sub.add_parser("bank", help="build or inspect a Meta-LoRA bank").add_subparsers(dest="bank_command", required=True)
     b = bank.add_parser("build", help="stage 1: cluster users, train one meta-LoRA per anchor")
     b.add_argument("--task", required=True)
-    b.add_argument("--data", required=True, help="LaMP data: per-user JSON or official *_questions.json")
+    b.add_argument("--data", required=True, type=IN_FILE, help="LaMP data: per-user JSON or official *_questions.json")
     b.add_argument("--out", required=True)
     b.add_argument("--model", default=DEFAULT_MODEL, help=f"HF id, local folder or {DEFAULT_MODEL} (embedded)")
     b.add_argument("--embedder", default=DEFAULT_EMBEDDER, help="sentence-transformers id or folder")
     d = AnchorConfig()
-    b.add_argument("--num-clusters", type=int, help=f"default {d.num_clusters}, {TUNED}")
-    b.add_argument("--min-history", type=int, help=f"default {d.min_history}, {TUNED}")
+    b.add_argument("--num-clusters", type=COUNT, help=f"default {d.num_clusters}, {TUNED}")
+    b.add_argument("--min-history", type=COUNT, help=f"default {d.min_history}, {TUNED}")
     b.add_argument("--anchor-mode", choices=["user", "cluster"], help=f"user: the paper's anchor user; cluster: pooled "
                    f"cluster histories (our extension); default {d.mode}, {TUNED}")
-    b.add_argument("--rank", type=int, default=LoraSpec().rank)
-    b.add_argument("--retrieve", type=int, default=1, help="BM25 history items in each prompt")
+    b.add_argument("--rank", type=COUNT, default=LoraSpec().rank)
+    b.add_argument("--retrieve", type=NON_NEGATIVE, default=1, help="BM25 history items in each prompt")
     _train_args(b, anchor_training(), tuned=True)
     _model_args(b)
     _executor_args(b, "anchor")
@@ -388,15 +441,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("personalize", help="stages 2+3: fuse anchors for a user, train and save their stacked LoRA")
     s.add_argument("--bank", required=True)
-    s.add_argument("--user-data", required=True)
+    s.add_argument("--user-data", required=True, type=IN_FILE)
     s.add_argument("--user-id", help="personalize this user into --out; without it: every user of --user-data, "
                    "each into --out/<user_id>/ (ids of 1-128 letters, digits, '_', '.', '@', '-', as mta serve takes)")
     s.add_argument("--out", required=True)
+    s.add_argument("--overwrite", action="store_true", help="replace user folders that mta personalize wrote before "
+                   "(a folder mta did not write is never replaced)")
     _fusion_args(s, svd=True)
     _stack_args(s)
     s.add_argument("--no-stack", action="store_true", help="fusion only: store just the fusion record "
                    "(with the fusion settings tuned for merge-only, where a task's differ from MTA's)")
-    s.add_argument("--retrieve", type=int, default=1)
+    s.add_argument("--retrieve", type=NON_NEGATIVE, default=1)
     s.add_argument("--adapter-dtype", choices=list(ADAPTER_DTYPES), default="fp32",
                    help="how the stacked LoRA is saved: bf16 halves its bytes (it loads in the model's dtype either way)")
     _model_args(s)
@@ -406,45 +461,45 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="personalized outputs for one input, or LaMP predictions for a data file")
     g.add_argument("--bank")
     g.add_argument("--user", required=True, help="a user folder, or a folder of user folders (batch mode)")
-    g.add_argument("--input")
-    g.add_argument("--data")
-    g.add_argument("--out")
-    g.add_argument("--max-new-tokens", type=int, default=None)
+    g.add_argument("--input", type=TEXT)
+    g.add_argument("--data", type=IN_FILE)
+    g.add_argument("--out", type=OUT_FILE, help="with --data: the predictions file to write")
+    g.add_argument("--max-new-tokens", type=COUNT, default=None, help="default: the task's")
     _decoding_args(g)
-    g.add_argument("--retrieve", type=int, default=1)
+    g.add_argument("--retrieve", type=NON_NEGATIVE, default=1)
     _model_args(g)
     g.set_defaults(fn=cmd_generate)
 
     e = sub.add_parser("eval", help="score a LaMP predictions file")
     e.add_argument("--task", required=True)
-    e.add_argument("--predictions", required=True)
-    e.add_argument("--data", required=True)
+    e.add_argument("--predictions", required=True, type=IN_FILE)
+    e.add_argument("--data", required=True, type=IN_FILE)
     e.set_defaults(fn=cmd_eval)
 
     d = sub.add_parser("demo", help="build a small bank and personalize a few held-out users on the embedded model")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--model", default=DEFAULT_MODEL)
-    d.add_argument("--users", type=int, default=4, help="held-out users to personalize")
+    d.add_argument("--users", type=COUNT, default=4, help="held-out users to personalize")
     _model_args(d)
     d.set_defaults(fn=cmd_demo)
 
     c = BenchConfig("LaMP-2")  # the library's defaults, shown in the help; unset flags take the task's preset
     r = sub.add_parser("bench", help="LaMP benchmark: MTA against six baselines, quality and cost side by side")
     r.add_argument("--task", required=True)
-    r.add_argument("--bank-users", help="LaMP data file of the users the bank is built from")
-    r.add_argument("--eval-users", help="LaMP data file of the users personalized and scored (never seen by the bank)")
-    r.add_argument("--data", help="instead of the two files: one LaMP data file, split here (written into --out)")
-    r.add_argument("--eval-fraction", type=float, default=1 / 3, help="with --data: share of users held out for eval")
-    r.add_argument("--seed", type=int, default=0, help="with --data: seed of the split")
+    r.add_argument("--bank-users", type=IN_FILE, help="LaMP data file of the users the bank is built from")
+    r.add_argument("--eval-users", type=IN_FILE, help="LaMP data file of the users personalized and scored (never seen by the bank)")
+    r.add_argument("--data", type=IN_FILE, help="instead of the two files: one LaMP data file, split here (written into --out)")
+    r.add_argument("--eval-fraction", type=FRACTION, default=1 / 3, help="with --data: share of users held out for eval")
+    r.add_argument("--seed", type=NON_NEGATIVE, default=0, help="with --data: seed of the split")
     r.add_argument("--out", required=True)
     r.add_argument("--methods", nargs="+", choices=BENCH_METHODS, default=list(BENCH_METHODS))
-    r.add_argument("--limit-users", type=int, default=None, help="quick check: at most N bank users and N eval users")
+    r.add_argument("--limit-users", type=COUNT, default=None, help="quick check: at most N bank users and N eval users")
     r.add_argument("--bank-without-shared", action="store_true", help="leave out of the bank every bank user whose "
                    "history holds an item of an eval user (LaMP's users share movies and articles)")
-    r.add_argument("--history-sizes", type=_int_list, metavar="N,N,...", help="history-size curves: per size n, every eval "
+    r.add_argument("--history-sizes", type=COUNTS, metavar="N,N,...", help="history-size curves: per size n, every eval "
                    "user personalized from n of their profile items (seeded; the same for every method) and scored on "
                    "their query and every other profile item, e.g. 2,4,8")
-    r.add_argument("--bank-fractions", type=_float_list, metavar="F,F,...", help="bank-size curve: banks from nested "
+    r.add_argument("--bank-fractions", type=RATES, metavar="F,F,...", help="bank-size curve: banks from nested "
                    "seeded shares of the bank users, e.g. 0.25,0.5,1; the methods with a bank run on each at the smallest "
                    "history size (or the full profile), the others once")
     r.add_argument("--no-full-profile", action="store_true", help="skip LaMP's own protocol (whole profile, query alone) "
@@ -452,12 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--reuse-bank", default=None, help="a finished bank folder (e.g. an earlier run's OUT/bank) instead of building one")
     r.add_argument("--model", default=c.base_model)
     r.add_argument("--embedder", default=c.embedding_model)
-    r.add_argument("--num-clusters", type=int, help=f"default {c.anchors.num_clusters}, {TUNED}")
+    r.add_argument("--num-clusters", type=COUNT, help=f"default {c.anchors.num_clusters}, {TUNED}")
     r.add_argument("--anchor-mode", choices=["user", "cluster"], help=f"default {c.anchors.mode}, {TUNED}")
-    r.add_argument("--bank-epochs", type=float, help=f"default {c.bank_train.epochs}, {TUNED}")
-    r.add_argument("--bank-lr", type=float, help=f"default {c.bank_train.learning_rate}, {TUNED}")
-    r.add_argument("--lora-epochs", type=float, help=f"per-user-lora baseline (default {c.user_lora_train.epochs}, {TUNED})")
-    r.add_argument("--lora-lr", type=float, help=f"per-user-lora baseline (default {c.user_lora_train.learning_rate}, {TUNED})")
+    r.add_argument("--bank-epochs", type=RATE, help=f"default {c.bank_train.epochs}, {TUNED}")
+    r.add_argument("--bank-lr", type=RATE, help=f"default {c.bank_train.learning_rate}, {TUNED}")
+    r.add_argument("--lora-epochs", type=RATE, help=f"per-user-lora baseline (default {c.user_lora_train.epochs}, {TUNED})")
+    r.add_argument("--lora-lr", type=RATE, help=f"per-user-lora baseline (default {c.user_lora_train.learning_rate}, {TUNED})")
     _fusion_args(r)  # mta and merge-only alike, but the per-user ones (--fusion-adapt ...) mta alone
     _bench_stack_args(r, "stack", c.stack, "mta")
     _bench_stack_args(r, "stack_only", c.stack_only, "stack-only baseline")
@@ -473,22 +528,22 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--adapter-dtype", choices=list(ADAPTER_DTYPES), default="fp32",
                    help="how new stacked LoRAs are stored: bf16 halves their bytes (they load in the model's dtype either way)")
     v.add_argument("--host", default="127.0.0.1")
-    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--port", type=PORT, default=8000)
     _fusion_args(v)
     _stack_args(v)  # the LoRA trained by /adapt
     sc = ServeConfig()
-    v.add_argument("--max-batch", type=int, default=sc.max_batch, help="requests sharing one forward pass")
-    v.add_argument("--max-queue", type=int, default=sc.max_queue, help="waiting requests beyond this get 503")
-    v.add_argument("--max-wait-ms", type=float, default=sc.max_wait_ms, help="how long a request waits for others to batch with")
-    v.add_argument("--max-new-tokens", type=int, default=sc.max_new_tokens, help="ceiling on a request's max_new_tokens")
+    v.add_argument("--max-batch", type=COUNT, default=sc.max_batch, help="requests sharing one forward pass")
+    v.add_argument("--max-queue", type=COUNT, default=sc.max_queue, help="waiting requests beyond this get 503")
+    v.add_argument("--max-wait-ms", type=WAIT_MS, default=sc.max_wait_ms, help="how long a request waits for others to batch with")
+    v.add_argument("--max-new-tokens", type=COUNT, default=sc.max_new_tokens, help="ceiling on a request's max_new_tokens")
     _decoding_args(v)
-    v.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    v.add_argument("--threads", type=COUNT, default=None, help="torch CPU threads (default: torch's choice)")
     v.add_argument("--log-level", default="info")
-    v.add_argument("--replicas", type=int, help="run N replicas of the server on Ray Serve, sharing a PostgreSQL --store; "
+    v.add_argument("--replicas", type=COUNT, help="run N replicas of the server on Ray Serve, sharing a PostgreSQL --store; "
                    "each user's requests go to one replica (needs pip install -e '.[serve,ray]'; docs/serving.md)")
-    v.add_argument("--max-replicas", type=int, help="with --replicas: let Ray Serve autoscale from --replicas up to this many")
-    v.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica")
-    v.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs Ray reserves per replica")
+    v.add_argument("--max-replicas", type=COUNT, help="with --replicas: let Ray Serve autoscale from --replicas up to this many")
+    v.add_argument("--replica-cpus", type=RATE, default=1.0, help="CPUs Ray reserves per replica")
+    v.add_argument("--replica-gpus", type=AMOUNT, default=0.0, help="GPUs Ray reserves per replica")
     v.add_argument("--ray-address", default=None, help="with --replicas: the Ray cluster to join, e.g. auto or HOST:6379 "
                    "(default: RAY_ADDRESS, else a local Ray)")
     _model_args(v)
@@ -501,14 +556,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "(read-only, may be live) ...")
     x.add_argument("--user-id", help="... and the user's id in it")
     x.add_argument("--out", required=True)
-    x.add_argument("--pad-rank", type=int, default=None,
+    x.add_argument("--overwrite", action="store_true", help="replace an export that mta wrote before "
+                   "(a folder mta did not write is never replaced)")
+    x.add_argument("--pad-rank", type=COUNT, default=None,
                    help="zero-pad the rank to this (e.g. 8/16/32/64, what vLLM's --max-lora-rank takes); same outputs")
     x.set_defaults(fn=cmd_export)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a bad argument (2, its one line already printed)
+        return e.code
     _quiet_hf()
     try:
         args.fn(args)

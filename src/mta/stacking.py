@@ -29,6 +29,7 @@ from mta.tasks import loo_examples
 from mta.training import train
 
 FUSED, STACK = "fused", "default"  # the stacked adapter is PEFT's "default", so it saves at the folder root
+USER_FILE = "user.json"  # a user folder's record; it marks the folder as mta's
 
 
 @dataclass
@@ -56,7 +57,7 @@ class UserRecord:
 
     @classmethod
     def load(cls, folder: str | Path) -> "UserRecord":
-        path = Path(folder) / "user.json"
+        path = Path(folder) / USER_FILE
         return cls.from_dict(read_json(path, "user record"), f"user record {path}")
 
 
@@ -171,14 +172,14 @@ def save_user(folder: str | Path, model, record: UserRecord, profile: list[dict]
                 f = tmp / "adapter" / "adapter_model.safetensors"
                 dtype = getattr(torch, ADAPTER_DTYPES[adapter_dtype])
                 atomic_save_tensors(f, {k: v.to(dtype) for k, v in load_tensors(f).items()}, metadata={"format": "pt"})
-        atomic_write_json(tmp / "user.json", record.to_dict())
+        atomic_write_json(tmp / USER_FILE, record.to_dict())
         atomic_write_json(tmp / "profile.json", profile)
     return user_bytes(folder)
 
 
 def user_bytes(folder: str | Path) -> int:
     folder = Path(folder)
-    files = [folder / "user.json", *((folder / "adapter").glob("*") if (folder / "adapter").exists() else [])]
+    files = [folder / USER_FILE, *((folder / "adapter").glob("*") if (folder / "adapter").exists() else [])]
     return sum(f.stat().st_size for f in files)
 
 
