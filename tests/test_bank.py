@@ -148,6 +148,18 @@ def test_plan_with_other_settings_or_data_is_refused(bank_copy, tiny_model_dir, 
     assert calls == [] and snapshot(bank_copy) == before
 
 
+def test_a_plan_that_trained_nothing_gives_way_to_a_corrected_rerun(tmp_path, tiny_model_dir, users, bank_config, embedder, monkeypatch):
+    """A first build that failed (or was stopped) before any anchor was saved leaves only its plan: a rerun with other
+    settings replaces it instead of refusing."""
+    wrong = dataclasses.replace(bank_config, anchors=dataclasses.replace(bank_config.anchors, num_clusters=2), num_retrieved=2)
+    plan_bank(users, tmp_path / "bank", wrong, embedder, progress=False)
+    (tmp_path / "bank" / "anchors" / ".anchor_000.x.tmp").mkdir(parents=True)  # what a killed first anchor leaves
+    calls = _counting(monkeypatch)
+    model, tok = load_base(str(tiny_model_dir), device="cpu")
+    bank = build_bank(users, tmp_path / "bank", bank_config, model, tok, embedder, progress=False)
+    assert len(calls) == len(bank) == 3 and bank.config == bank_config
+
+
 def test_bad_profile_item_fails_before_writing(tmp_path, users, bank_config, embedder):
     bad = [*users[:3], User("x", [{"description": "a movie"}])]
     with pytest.raises(MTAError, match=r"user 'x', profile item 0: profile item lacks field\(s\) \['tag'\]"):

@@ -54,10 +54,12 @@ def plan_bank(users: list[User], out: str | Path, cfg: BankConfig, embedder=None
     plan_path, digest = out / "plan.json", _digest(users)
     if plan_path.exists():
         plan = read_json(plan_path, "bank plan")
-        if plan.get("config") != cfg.to_dict() or plan.get("data_digest") != digest:
+        if plan.get("config") == cfg.to_dict() and plan.get("data_digest") == digest:
+            emb = load_tensors(out / "anchors.safetensors")["embeddings"].numpy()
+            return [Anchor(a["id"], a["cluster"], a["user_ids"], emb[i]) for i, a in enumerate(plan["anchors"])]
+        # a plan whose build saved no anchor (it failed or was stopped first) holds no work: it is planned afresh
+        if any((out / "anchors").glob("*/adapter_model.safetensors")):
             raise MTAError(f"{out} holds a bank started with other settings or data; use another --out or delete it")
-        emb = load_tensors(out / "anchors.safetensors")["embeddings"].numpy()
-        return [Anchor(a["id"], a["cluster"], a["user_ids"], emb[i]) for i, a in enumerate(plan["anchors"])]
     candidates = [u for u in users if u.profile]
     if not candidates:
         raise MTAError("no user with a non-empty profile to build a bank from")
