@@ -204,6 +204,13 @@ def test_personalize_k_larger_than_the_bank(capsys, pipeline, tmp_path, movie_da
     assert not (tmp_path / "u").exists()
 
 
+def test_personalize_with_weights_that_are_not_finite(capsys, pipeline, tmp_path, movie_data):
+    root, _ = pipeline
+    _fails(capsys, _personalize(root / "bank", movie_data, "1", tmp_path / "u", "--k", "2", "--weighting", "softmax",
+                                "--temperature", "1e-300"), "are not finite")
+    assert not (tmp_path / "u").exists()
+
+
 def test_personalize_on_an_unfinished_bank(capsys, pipeline, tmp_path, movie_data):
     root, _ = pipeline
     shutil.copytree(root / "bank", tmp_path / "bank")

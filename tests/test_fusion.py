@@ -250,3 +250,12 @@ def test_fusion_record_round_trip():
     assert FusionRecord.from_dict(r.to_dict()) == r
     with pytest.raises(MTAError, match="malformed fusion record"):
         FusionRecord.from_dict({"anchor_ids": ["a"], "weights": [1.0], "merge": "exact"})
+
+
+@pytest.mark.parametrize("cfg, emb", [
+    (FusionConfig(k=2, weighting="softmax", temperature=1e-300), [1.0, 0.0, 0.0]),  # similarities / temperature overflow
+    (FusionConfig(k=2, weighting="published", merge="linear"), [0.0, 0.0, -1.0]),  # α = s1/(s1+s2) with s1 = s2 = 0
+], ids=["softmax-overflow", "published-zero-sum"])
+def test_weights_that_are_not_finite_are_refused(random_bank, cfg, emb):
+    with pytest.raises(MTAError, match=r"fusion weights \[.*nan.*\] are not finite"):
+        plan_fusion(random_bank, np.array(emb, dtype=np.float32), cfg)

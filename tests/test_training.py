@@ -203,3 +203,14 @@ def test_bf16_training_keeps_fp32_weights_and_tracks_fp32(tiny_model_dir):
     assert runs["bf16"] != runs["no"]  # bf16 really ran
     assert runs["bf16"][-1] < runs["bf16"][0]
     torch.testing.assert_close(torch.tensor(runs["bf16"]), torch.tensor(runs["no"]), rtol=0.05, atol=0.05)
+
+
+def test_a_loss_that_is_not_finite_stops_training(tiny):
+    model, tok = tiny
+    for p in model.parameters():
+        p.requires_grad = False
+    model.model.norm.weight.requires_grad = True
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))  # as weights that diverged at too high a learning rate
+    with pytest.raises(MTAError, match=r"anchor x: the training loss is nan at step 1 of 2; lower the learning rate"):
+        train(model, tok, [Example("Which tag?", "comedy")] * 4, TrainConfig(epochs=2, batch_size=4), desc="anchor x", progress=False)

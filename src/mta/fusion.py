@@ -162,6 +162,9 @@ def plan_fusion(bank: Bank, user_embedding: np.ndarray | Tensor, cfg: FusionConf
     sims = torch.nn.functional.cosine_similarity(bank.embeddings, u[None], dim=1)
     top = torch.topk(sims, eff.k).indices
     w = eff.scale * WEIGHTINGS[eff.weighting](sims[top], eff.temperature)
+    if not torch.isfinite(w).all():  # e.g. softmax overflowing at a tiny temperature: never save or serve such a user
+        raise MTAError(f"fusion weights {[round(x, 4) for x in w.tolist()]} are not finite (similarities "
+                       f"{[round(x, 4) for x in sims[top].tolist()]}, weighting {eff.weighting}); raise the temperature or change the weighting")
     return FusionRecord([bank.anchor_ids[i] for i in top.tolist()], sims[top].tolist(), w.tolist(), cfg.merge, eff.rank, cfg.adapt)
 
 

@@ -197,6 +197,8 @@ def train(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: 
         inputs = _collate([encoded[i] for i in rows], tokenizer.pad_token_id, device)
         with amp:
             loss = step(inputs, rows)
+        if not torch.isfinite(loss):  # diverged: stop before anything is saved
+            raise MTAError(f"{desc}: the training loss is {loss.item()} at step {len(losses) + 1} of {total}; lower the learning rate")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
