@@ -104,7 +104,7 @@ def test_generate_batch_writes_lamp_predictions(predictions, movie_data):
 
 def test_eval_prints_metrics(predictions, movie_data):
     path, _ = predictions
-    rc, out, err = _run("eval", "--task", "2", "--predictions", path, "--data", movie_data)
+    rc, out, err = _run("eval", "--task", "2", "--predictions", path, "--data", movie_data, "--partial")  # 3 users of 12
     assert rc == 0, err
     scores = json.loads(out)
     assert scores["task"] == "LaMP-2" and scores["n"] == 3
@@ -116,6 +116,24 @@ def test_eval_of_perfect_predictions(tmp_path, movie_data):
     (tmp_path / "p.json").write_text(json.dumps({"task": "LaMP-2", "golds": golds}))
     rc, out, _ = _run("eval", "--task", "LaMP-2", "--predictions", tmp_path / "p.json", "--data", movie_data)
     assert rc == 0 and json.loads(out)["n"] == 12 and json.loads(out)["accuracy"] == 1.0
+
+
+def test_eval_refuses_predictions_that_answer_only_some_queries(capsys, tmp_path, movie_data):
+    golds = [{"id": q["id"], "output": q["gold"]} for u in json.loads(movie_data.read_text()) for q in u["query"]]
+    (tmp_path / "p.json").write_text(json.dumps({"task": "LaMP_2", "golds": golds[:1]}))
+    argv = ["eval", "--task", "LaMP-2", "--predictions", tmp_path / "p.json", "--data", movie_data]
+    _fails(capsys, argv, f"the predictions answer 1 of the 12 queries with a gold in {movie_data}: 11 are missing, e.g. "
+                         f"{sorted(g['id'] for g in golds[1:])[:3]}; pass --partial to score only the answered ones")
+    rc, out, _ = _run(*argv, "--partial")
+    assert rc == 0 and json.loads(out)["n"] == 1 and json.loads(out)["accuracy"] == 1.0
+
+
+def test_eval_against_data_without_golds(capsys, tmp_path, movie_data):
+    data = [{**u, "query": [{**q, "gold": None} for q in u["query"]]} for u in json.loads(movie_data.read_text())]
+    (tmp_path / "d.json").write_text(json.dumps(data))
+    (tmp_path / "p.json").write_text(json.dumps({"task": "LaMP_2", "golds": [{"id": data[0]["query"][0]["id"], "output": "x"}]}))
+    _fails(capsys, ["eval", "--task", "LaMP-2", "--predictions", tmp_path / "p.json", "--data", tmp_path / "d.json"],
+           "holds no gold answers to score against")
 
 
 # -- bad input: exit code 2, one clear line on stderr, nothing written -----------------------------------------------
@@ -267,6 +285,9 @@ def test_generate_batch_user_not_in_data(capsys, pipeline, tmp_path, movie_data)
     ({"task": "LaMP_2", "golds": [{"id": "1"}]}, "prediction #0: missing field(s) ['output']"),
     ({"task": "LaMP_2", "golds": [{"id": "1", "output": "a"}, {"id": "1", "output": "b"}]}, "id '1' appears twice"),
     ({"task": "LaMP-2", "golds": [{"id": "nope", "output": "comedy"}]}, "1 prediction id(s) have no gold in"),
+    ({"task": "LaMP_2", "golds": []}, "holds no predictions"),
+    ({"task": "LaMP_2", "golds": [{"id": "1", "output": None}]}, "prediction #0 (id '1'): 'output' must be a string, got None"),
+    ({"task": "LaMP_2", "golds": [{"id": "1", "output": ["comedy"]}]}, "'output' must be a string, got ['comedy']"),
 ])
 def test_eval_bad_predictions(capsys, tmp_path, movie_data, preds, message):
     (tmp_path / "p.json").write_text(preds if isinstance(preds, str) else json.dumps(preds))

@@ -314,18 +314,14 @@ def cmd_generate(a) -> None:
 
 
 def cmd_eval(a) -> None:
-    from mta.data.lamp import load_users, read_predictions
+    from mta.data.lamp import load_users, pair_with_golds, read_predictions
     from mta.tasks import get_task
 
     task = get_task(a.task)
-    by_id = read_predictions(a.predictions, task.id)
     gold = {q.id: q.gold for u in load_users(a.data, task) for q in u.queries if q.gold is not None}
-    missing = sorted(set(by_id) - set(gold))
-    if missing:
-        raise MTAError(f"{len(missing)} prediction id(s) have no gold in {a.data}, e.g. {missing[:3]}")
-    ids = sorted(by_id)
-    scores = task.evaluate([by_id[i] for i in ids], [gold[i] for i in ids])
-    print(json.dumps({"task": task.id, "n": len(ids), **{k: round(v, 4) for k, v in scores.items()}}, indent=2))
+    preds, golds = pair_with_golds(read_predictions(a.predictions, task.id), gold, str(a.data), a.partial)
+    scores = task.evaluate(preds, golds)
+    print(json.dumps({"task": task.id, "n": len(preds), **{k: round(v, 4) for k, v in scores.items()}}, indent=2))
 
 
 def cmd_demo(a) -> None:
@@ -474,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--task", required=True)
     e.add_argument("--predictions", required=True, type=IN_FILE)
     e.add_argument("--data", required=True, type=IN_FILE)
+    e.add_argument("--partial", action="store_true", help="score only the queries the predictions answer (n says how "
+                   "many); by default every query with a gold needs a prediction")
     e.set_defaults(fn=cmd_eval)
 
     d = sub.add_parser("demo", help="build a small bank and personalize a few held-out users on the embedded model")

@@ -139,7 +139,26 @@ def read_predictions(path: str | Path, task_id: str) -> dict[str, str]:
     preds = _require(read_json(path, "predictions file"), ("task", "golds"), f"predictions file {path}")
     if lamp_task_name(str(preds["task"])) != lamp_task_name(task_id):
         raise MTAError(f"predictions file {path} holds predictions for {preds['task']!r}, not {task_id}")
-    return _outputs_by_id(preds["golds"], f"predictions file {path}", "prediction")
+    by_id = _outputs_by_id(preds["golds"], f"predictions file {path}", "prediction")
+    if not by_id:
+        raise MTAError(f"predictions file {path} holds no predictions")
+    return by_id
+
+
+def pair_with_golds(predictions: dict[str, str], golds: dict[str, str], where: str, partial: bool = False) -> tuple[list[str], list[str]]:
+    """(predictions, golds) by query id for scoring. Every prediction needs a gold; every gold needs a prediction too
+    unless `partial`: a file that answers some queries must not score as if it were complete."""
+    if not golds:
+        raise MTAError(f"{where} holds no gold answers to score against")
+    extra = sorted(set(predictions) - set(golds))
+    if extra:
+        raise MTAError(f"{len(extra)} prediction id(s) have no gold in {where}, e.g. {extra[:3]}")
+    missing = sorted(set(golds) - set(predictions))
+    if missing and not partial:
+        raise MTAError(f"the predictions answer {len(predictions)} of the {len(golds)} queries with a gold in {where}: "
+                       f"{len(missing)} are missing, e.g. {missing[:3]}; pass --partial to score only the answered ones")
+    ids = sorted(predictions)
+    return [predictions[i] for i in ids], [golds[i] for i in ids]
 
 
 def _outputs_by_id(golds: object, where: str, what: str) -> dict[str, str]:
@@ -151,7 +170,9 @@ def _outputs_by_id(golds: object, where: str, what: str) -> dict[str, str]:
         _require(g, ("id", "output"), f"{where}: {what} #{i}")
         if str(g["id"]) in out:
             raise MTAError(f"{where}: id {g['id']!r} appears twice")
-        out[str(g["id"])] = str(g["output"])
+        if not isinstance(g["output"], str):  # never scored as the string "None"
+            raise MTAError(f"{where}: {what} #{i} (id {g['id']!r}): 'output' must be a string, got {g['output']!r:.40}")
+        out[str(g["id"])] = g["output"]
     return out
 
 
