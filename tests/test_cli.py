@@ -3,14 +3,17 @@
 import contextlib
 import io
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 from conftest import snapshot
 
 from mta.bank import Bank
-from mta.cli import main
+from mta.cli import _quiet_hf, main
 from mta.generation import generate
 from mta.models import load_base
 from mta.stacking import load_personalized, load_profile
@@ -414,3 +417,21 @@ def test_personalize_replaces_its_own_user_folder_only_with_overwrite(capsys, pi
     rc, _, err = _run(*_personalize(root / "bank", movie_data, "0", tmp_path / "0", "--overwrite", "--no-stack"))
     assert rc == 0, err
     assert not (tmp_path / "0" / "adapter").exists() and json.loads((tmp_path / "0" / "user.json").read_text())["stack"] is None
+
+
+def test_a_hub_model_id_says_the_hub_is_off(tmp_path, movie_data):
+    """The CLI runs offline (HF_HUB_OFFLINE=1 unless set): a hub id names that, and how to pass a local folder instead."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"} | {"HF_HOME": str(tmp_path / "hf")}  # an empty cache
+    r = subprocess.run([sys.executable, "-m", "mta.cli", "bank", "build", "--task", "2", "--data", str(movie_data), "--out",
+                        str(tmp_path / "bank"), "--model", "HuggingFaceTB/SmolLM2-135M-Instruct"], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert ("mta: error: cannot load model 'HuggingFaceTB/SmolLM2-135M-Instruct': the Hugging Face hub is off (HF_HUB_OFFLINE=1) "
+            "and it is neither a local folder nor in the hub's cache") in r.stderr
+    assert "pass a local folder" in r.stderr and "set HF_HUB_OFFLINE=0" in r.stderr
+    assert not (tmp_path / "bank").exists()
+
+
+def test_an_explicit_hf_hub_offline_0_is_kept(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    _quiet_hf()
+    assert os.environ["HF_HUB_OFFLINE"] == "0"

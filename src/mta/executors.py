@@ -19,7 +19,7 @@ from mta.bank import Bank, anchor_examples, build_bank, finalize_bank, pending_a
 from mta.config import BankConfig, PersonalizeConfig
 from mta.data.lamp import User, check_user_id, require_profile
 from mta.io import MTAError
-from mta.models import load_base, load_embedder, model_signature, resolve_model_path
+from mta.models import load_base, load_embedder, load_error, model_signature, resolve_model_path
 from mta.stacking import UserRecord, base_of, personalize, save_user
 
 EXECUTORS = ("local", "ray")
@@ -110,7 +110,7 @@ def _base_config(name: str):
     try:
         return AutoConfig.from_pretrained(resolve_model_path(name))
     except OSError as e:
-        raise MTAError(f"cannot load the config of model {name!r}: {e}") from None
+        raise load_error("the config of model", name, e) from None
 
 
 def ray_connect(executor: str, address: str | None):

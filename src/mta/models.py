@@ -88,6 +88,18 @@ def _embedded_model_dir() -> Path:
     return target
 
 
+def load_error(what: str, name: str, error: Exception) -> MTAError:
+    """Why `name` did not load. The CLI runs with the hub off (HF_HUB_OFFLINE=1 unless set), where transformers'
+    own message for a hub id is a misleading "couldn't connect": say that, and what to pass instead."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE and not Path(name).exists():
+        return MTAError(f"cannot load {what} {name!r}: the Hugging Face hub is off (HF_HUB_OFFLINE=1) and it is neither a local "
+                        f"folder nor in the hub's cache; pass a local folder (e.g. made by `hf download {name} --local-dir DIR`), "
+                        "or set HF_HUB_OFFLINE=0 to download it")
+    return MTAError(f"cannot load {what} {name!r} (a Hugging Face id, a local folder, or {DEFAULT_MODEL!r}): {error}")
+
+
 def resolve_model_path(name: str) -> str:
     return str(_embedded_model_dir()) if name == DEFAULT_MODEL else name
 
@@ -105,7 +117,7 @@ def load_base(name: str = DEFAULT_MODEL, device: str | None = None, dtype: str =
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, dev))
     except OSError as e:
-        raise MTAError(f"cannot load model {name!r} (a Hugging Face id, a local folder, or {DEFAULT_MODEL!r}): {e}") from None
+        raise load_error("model", name, e) from None
     model.to(dev).eval()
     return model, load_tokenizer(name)
 
@@ -129,4 +141,4 @@ def load_embedder(name: str = DEFAULT_EMBEDDER, device: str | None = None):
     try:
         return SentenceTransformer(path, device=str(pick_device(device)))
     except OSError as e:
-        raise MTAError(f"cannot load embedding model {name!r}: {e}") from None
+        raise load_error("embedding model", name, e) from None
