@@ -1,6 +1,7 @@
 """LaMP tasks: names, prompt wording, leave-one-out training pairs."""
 
 import json
+import re
 
 import pytest
 from conftest import SHARED_LAMP
@@ -149,3 +150,22 @@ def test_query_prompt_retrieves_from_the_profile():
     assert prompt.split("\n")[0] == LAMP2.item_text(PROFILE[3])
     assert retrieve(LAMP2, "wedding", PROFILE, 2)[0] is PROFILE[1]
     assert query_prompt(LAMP2, "Q", PROFILE, 0) == "Q"
+
+
+@pytest.mark.parametrize("task_id, item, message", [
+    ("LaMP-2", {"description": "d", "tag": {"nested": "object"}}, "field 'tag' must be a string, got dict"),
+    ("LaMP-2", {"description": ["a", "list"], "tag": "comedy"}, "field 'description' must be a string, got list"),
+    ("LaMP-2", {"description": "d", "tag": 3}, "field 'tag' must be a string, got int"),
+    ("LaMP-3", {"text": "t", "score": True}, "field 'score' must be a string or a number, got bool"),
+    ("LaMP-3", {"text": "t", "score": [5]}, "field 'score' must be a string or a number, got list"),
+    ("LaMP-4", {"text": "t", "title": "h", "extra": {"big": "object"}}, "field 'extra' must be a string, a number or null"),
+])
+def test_profile_fields_are_strings(task_id, item, message):
+    """What files and the API take alike: no objects or lists, which would only be stored, never read."""
+    with pytest.raises(MTAError, match=re.escape(message)):
+        get_task(task_id).check_item(item, "here")
+
+
+@pytest.mark.parametrize("item", [{"text": "t", "score": 5}, {"text": "t", "score": "4.0"}, {"text": "t", "score": 2.5, "id": 7}])
+def test_a_lamp3_score_may_be_a_number(item):
+    get_task("LaMP-3").check_item(item, "here")

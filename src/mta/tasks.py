@@ -34,6 +34,7 @@ class Task:
     item_text: Callable[[dict], str]
     item_pair: Callable[[dict], tuple[str, str]]
     max_new_tokens: int
+    number_fields: tuple[str, ...] = ()  # item fields that may be numbers as well as strings (LaMP-3's score)
 
     def prompt(self, input: str, history: list[dict]) -> str:
         if not history:
@@ -48,11 +49,20 @@ class Task:
         return metrics.MAIN_METRIC[self.id]
 
     def check_item(self, item: dict, where: str) -> None:
+        """The task's fields present and strings (a number too where `number_fields` allows); any other field a string,
+        a number or null. Files and the server check alike: an object or list would only be stored, never read."""
         if not isinstance(item, dict):
             raise MTAError(f"{where}: a profile item must be an object, got {type(item).__name__}")
         missing = [f for f in self.item_fields if f not in item or item[f] is None]
         if missing:
             raise MTAError(f"{where}: profile item lacks field(s) {missing} required by {self.id} ({self.name})")
+        for name, value in item.items():
+            number = not isinstance(value, bool) and isinstance(value, (int, float))
+            if name in self.item_fields and not (isinstance(value, str) or number and name in self.number_fields):
+                kind = "a string or a number" if name in self.number_fields else "a string"
+                raise MTAError(f"{where}: field {name!r} must be {kind}, got {type(value).__name__}")
+            if not (isinstance(value, str) or number or value is None):
+                raise MTAError(f"{where}: field {name!r} must be a string, a number or null, got {type(value).__name__}")
 
 
 _W = 80  # words kept of a long field: keeps prompts within a few hundred tokens on a CPU budget
@@ -92,7 +102,7 @@ TASKS: dict[str, Task] = {
             "LaMP-3", "product_rating", ("text", "score"),
             item_text=lambda it: f'{it["score"]} is the score for "{clip(it["text"], _W)}"',
             item_pair=lambda it: (_LAMP3_Q + clip(it["text"], _W), str(it["score"]).strip()),
-            max_new_tokens=3,
+            max_new_tokens=3, number_fields=("score",),
         ),
         Task(
             "LaMP-4", "news_headline", ("text", "title"),

@@ -1,5 +1,6 @@
 """The HTTP server on the tiny model and the random bank: routes, batching, adapt jobs, persistence, bad input."""
 
+import json
 import re
 import threading
 import time
@@ -226,3 +227,46 @@ def test_batcher_survives_cancelled_requests_and_failing_batches():
         batcher.submit(0).result(5)
     assert batcher.submit(4).result(5) == 40
     batcher.stop()
+
+
+def test_a_chunked_body_is_bounded_by_the_bytes_received(serve, tmp_path, users):
+    """No Content-Length to check: the limit counts what arrives, and nothing of the request is stored."""
+    item = users[0].profile[0]
+
+    def chunks(n):
+        yield b'{"profile": ['
+        for i in range(n):
+            yield json.dumps(item).encode() + (b"," if i < n - 1 else b"")
+        yield b"]}"
+
+    with serve(store_dir=tmp_path / "store", max_body_bytes=20_000, max_profile_items=10_000) as (client, server):
+        headers = {"content-type": "application/json"}
+        r = client.put("/v1/users/big", content=chunks(2_000), headers=headers)
+        assert r.status_code == 413 and "exceeds the limit of 20000 bytes" in r.json()["detail"], r.text
+        assert "content-length" not in r.request.headers and client.get("/v1/users/big").status_code == 404
+        r = client.put("/v1/users/small", content=chunks(2), headers=headers)  # a chunked body within the limit is read whole
+        assert r.status_code == 200, r.text
+        assert r.json()["profile_items"] == 2 and len(server.store) == 1
+        assert 'mta_requests_total{path="unmatched",status="413"} 1' in client.get("/metrics").text  # refused before routing
+
+
+@pytest.mark.parametrize("field, value", [("tag", {"x": 1}), ("description", ["a", "b"]), ("tag", 3), ("description", True)])
+def test_profile_fields_must_be_strings(serve, users, field, value):
+    with serve() as (client, server):
+        item = {**users[0].profile[0], field: value}
+        r = client.put("/v1/users/alice", json={"profile": [item]})
+        assert r.status_code == 422 and f"field '{field}' must be a string" in r.json()["detail"], r.text
+        r = client.post("/v1/generate", json={"input": INPUT, "profile": [item]})
+        assert r.status_code == 422 and f"field '{field}' must be a string" in r.json()["detail"], r.text
+        assert len(server.store) == 0
+
+
+def test_completions_errors_speak_its_own_fields(serve, users):
+    with serve(max_new_tokens=16, max_input_chars=200) as (client, _):
+        _put(client, "alice", users[0].profile)
+        r = client.post("/v1/completions", json={"prompt": INPUT, "user": "alice", "max_tokens": 17})
+        assert r.status_code == 422 and r.json()["detail"] == "max_tokens is 17; this server allows at most 16"
+        r = client.post("/v1/completions", json={"prompt": "x" * 201, "user": "alice"})
+        assert r.status_code == 413 and r.json()["detail"].startswith("prompt has 201 characters"), r.text
+        r = client.post("/v1/completions", json={"prompt": INPUT, "user": "bob"})
+        assert r.status_code == 404 and r.json()["detail"] == "unknown user 'bob': PUT /v1/users/{user_id} first"

@@ -66,6 +66,41 @@ class ProfileRequest(BaseModel):
     profile: list[dict] = Field(min_length=1)
 
 
+class BodyLimit:
+    """ASGI middleware: a request body larger than `max_bytes` answers 413, however it arrives.
+
+    Content-Length is checked first; a chunked body (no Content-Length) is counted as it is received and read whole
+    before the app sees it, so an oversized one is refused before any of it is parsed or stored.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await self._refuse(scope, receive, send)
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                return await self._refuse(scope, receive, send)
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send):
+        await JSONResponse({"detail": f"the request body exceeds the limit of {self.max_bytes} bytes"}, 413)(scope, receive, send)
+
+
 class Busy(Exception):
     """The batcher takes no more rows now (queue full, or shutting down): the client should retry (503)."""
 
@@ -244,12 +279,15 @@ class Server:
         return self.store.put(self.fuse(user_id, profile), profile)
 
     # -- generation ----------------------------------------------------------------------------------
-    def row(self, user_id: str | None, text: str, max_new_tokens: int | None, inline_profile: list[dict] | None) -> Row:
-        """The user's prompt and adapter: stored users first; an inline profile is fused on the fly, never stored."""
+    def row(self, user_id: str | None, text: str, max_new_tokens: int | None, inline_profile: list[dict] | None,
+            api: Literal["generate", "completions"] = "generate") -> Row:
+        """The user's prompt and adapter: stored users first; an inline profile is fused on the fly, never stored.
+        Errors name `api`'s own fields (/v1/completions: prompt, max_tokens; it takes no inline profile)."""
+        text_field, tokens_field = ("input", "max_new_tokens") if api == "generate" else ("prompt", "max_tokens")
         if len(text) > self.cfg.max_input_chars:
-            raise HTTPException(413, f"input has {len(text)} characters; the limit is {self.cfg.max_input_chars}")
+            raise HTTPException(413, f"{text_field} has {len(text)} characters; the limit is {self.cfg.max_input_chars}")
         if max_new_tokens is not None and max_new_tokens > self.cfg.max_new_tokens:
-            raise HTTPException(422, f"max_new_tokens is {max_new_tokens}; this server allows at most {self.cfg.max_new_tokens}")
+            raise HTTPException(422, f"{tokens_field} is {max_new_tokens}; this server allows at most {self.cfg.max_new_tokens}")
         stored = self.store.get(user_id) if user_id is not None else None
         if stored is not None:
             record, profile, adapter_file = stored.record, stored.profile, stored.adapter
@@ -259,7 +297,8 @@ class Server:
         elif inline_profile is not None:
             record, profile, adapter_file = self.fuse(user_id or "inline", inline_profile), inline_profile, None
         elif user_id is not None:
-            raise HTTPException(404, f"unknown user {user_id!r}: PUT /v1/users/{{user_id}} first, or send a profile inline")
+            inline = ", or send a profile inline" if api == "generate" else ""
+            raise HTTPException(404, f"unknown user {user_id!r}: PUT /v1/users/{{user_id}} first{inline}")
         else:
             raise HTTPException(422, "pass a user_id, or a profile to fuse on the fly")
         key = (*self._fusion_key(record), adapter_file)
@@ -419,14 +458,12 @@ def create_app(bank: Bank, store: UserStore, model, tokenizer, embedder, cfg: Se
     app = FastAPI(title="mta personalization server", lifespan=lifespan)
     app.state.server = server
 
+    app.add_middleware(BodyLimit, max_bytes=server.cfg.max_body_bytes)  # inside `observe`, which counts its 413s too
+
     @app.middleware("http")
-    async def limit_and_observe(request: Request, call_next):
+    async def observe(request: Request, call_next):
         start = time.perf_counter()
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > server.cfg.max_body_bytes:
-            response = JSONResponse({"detail": f"request body of {length} bytes exceeds {server.cfg.max_body_bytes}"}, 413)
-        else:
-            response = await call_next(request)
+        response = await call_next(request)
         route = request.scope.get("route")  # the template, not the raw path: user ids must not become label values
         server.metrics.observe_request(getattr(route, "path", "unmatched"), response.status_code, time.perf_counter() - start)
         return response
@@ -489,7 +526,7 @@ def create_app(bank: Bank, store: UserStore, model, tokenizer, embedder, cfg: Se
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not 1 <= len(prompts) <= server.cfg.max_batch:
             raise HTTPException(422, f"prompt: pass 1 to {server.cfg.max_batch} prompts, not {len(prompts)}")
-        rows = [await run_in_threadpool(server.row, body.user, p, body.max_tokens, None) for p in prompts]
+        rows = [await run_in_threadpool(server.row, body.user, p, body.max_tokens, None, "completions") for p in prompts]
         results = await asyncio.gather(*(server.generate(r) for r in rows))
         completion = sum(len(o.tokens) for _, o in results)
         prompt = sum(len(r.prompt) for r in rows)
