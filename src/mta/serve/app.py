@@ -26,9 +26,12 @@ from typing import Annotated, Literal
 
 from fastapi import FastAPI, HTTPException, Path, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from mta.adapters import LoraWeights, extract
 from mta.bank import Bank
@@ -66,39 +69,19 @@ class ProfileRequest(BaseModel):
     profile: list[dict] = Field(min_length=1)
 
 
-class BodyLimit:
-    """ASGI middleware: a request body larger than `max_bytes` answers 413, however it arrives.
+class Problem(BaseModel):
+    """Every error's body: one line saying what is wrong."""
 
-    Content-Length is checked first; a chunked body (no Content-Length) is counted as it is received and read whole
-    before the app sees it, so an oversized one is refused before any of it is parsed or stored.
-    """
+    detail: str
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.max_bytes:
-            return await self._refuse(scope, receive, send)
-        messages, size = [], 0
-        while True:
-            message = await receive()
-            messages.append(message)
-            size += len(message.get("body", b""))
-            if size > self.max_bytes:
-                return await self._refuse(scope, receive, send)
-            if message["type"] != "http.request" or not message.get("more_body"):
-                break
+_WHY = {400: "the body could not be read (not UTF-8 text)", 404: "unknown user or job", 409: "the user was fused against another bank", 413: "body, profile or input too large",
+        422: "invalid request", 503: "queue full or shutting down"}
 
-        async def replay():
-            return messages.pop(0) if messages else await receive()
 
-        await self.app(scope, replay, send)
-
-    async def _refuse(self, scope, receive, send):
-        await JSONResponse({"detail": f"the request body exceeds the limit of {self.max_bytes} bytes"}, 413)(scope, receive, send)
+def _errors(*codes: int) -> dict:
+    """The error responses a route really returns, for an honest OpenAPI schema (every one a `Problem`)."""
+    return {code: {"model": Problem, "description": _WHY[code]} for code in codes}
 
 
 class Busy(Exception):
@@ -455,10 +438,9 @@ def create_app(bank: Bank, store: UserStore, model, tokenizer, embedder, cfg: Se
         yield
         await run_in_threadpool(server.close)  # uvicorn has already let in-flight requests finish
 
-    app = FastAPI(title="mta personalization server", lifespan=lifespan)
+    # the body limit counts the bytes received, so a chunked body (no Content-Length) is bounded too
+    app = FastAPI(title="mta personalization server", lifespan=lifespan, max_body_size=server.cfg.max_body_bytes)
     app.state.server = server
-
-    app.add_middleware(BodyLimit, max_bytes=server.cfg.max_body_bytes)  # inside `observe`, which counts its 413s too
 
     @app.middleware("http")
     async def observe(request: Request, call_next):
@@ -472,6 +454,15 @@ def create_app(bank: Bank, store: UserStore, model, tokenizer, embedder, cfg: Se
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         msgs = [f"{'.'.join(str(x) for x in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in exc.errors()]
         return JSONResponse({"detail": "; ".join(msgs)}, 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 413 and exc.detail == "Content Too Large":  # the body limit's own words: say the limit
+            exc = StarletteHTTPException(413, f"the request body exceeds the limit of {server.cfg.max_body_bytes} bytes")
+        elif exc.status_code == 405:  # Starlette's Allow names the first route that matched the path, not every one
+            allowed = {m for r in app.routes if r.matches(request.scope)[0] != Match.NONE for m in getattr(r, "methods", ())}
+            exc = StarletteHTTPException(405, exc.detail, headers={"Allow": ", ".join(sorted(allowed))})
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(MTAError)
     async def failed(request: Request, exc: MTAError) -> JSONResponse:
@@ -492,36 +483,36 @@ def create_app(bank: Bank, store: UserStore, model, tokenizer, embedder, cfg: Se
         })
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
-    @app.put("/v1/users/{user_id}")
+    @app.put("/v1/users/{user_id}", responses=_errors(400, 413, 422))
     def put_user(user_id: UserId, body: ProfileRequest) -> dict:
         """Store the profile and its fusion (anchor ids and weights); any stacked LoRA of an older profile is dropped."""
         return _user_json(server.put_user(user_id, body.profile))
 
-    @app.get("/v1/users/{user_id}")
+    @app.get("/v1/users/{user_id}", responses=_errors(404, 422))
     def get_user(user_id: UserId) -> dict:
         stored = store.get(user_id)
         if stored is None:
             raise HTTPException(404, f"unknown user {user_id!r}")
         return _user_json(stored)
 
-    @app.post("/v1/users/{user_id}/adapt", status_code=202)
+    @app.post("/v1/users/{user_id}/adapt", status_code=202, responses=_errors(404, 422))
     def adapt(user_id: UserId) -> dict:
         return _job_json(server.adapt(user_id))
 
-    @app.get("/v1/jobs/{job_id}")
+    @app.get("/v1/jobs/{job_id}", responses=_errors(404, 422))
     def get_job(job_id: str) -> dict:
         job = store.job(job_id)
         if job is None:
             raise HTTPException(404, f"unknown job {job_id!r}")
         return _job_json(job)
 
-    @app.post("/v1/generate")
+    @app.post("/v1/generate", responses=_errors(400, 404, 409, 413, 422, 503))
     async def generate(body: GenerateRequest) -> dict:
         row = await run_in_threadpool(server.row, body.user_id, body.input, body.max_new_tokens, body.profile)
         text, out = await server.generate(row)
         return {"user_id": body.user_id, "output": text, "tokens": len(out.tokens), "finish_reason": "stop" if out.stopped else "length"}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_errors(400, 404, 409, 413, 422, 503))
     async def completions(body: CompletionRequest) -> dict:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not 1 <= len(prompts) <= server.cfg.max_batch:
