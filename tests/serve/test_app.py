@@ -270,3 +270,9 @@ def test_completions_errors_speak_its_own_fields(serve, users):
         assert r.status_code == 413 and r.json()["detail"].startswith("prompt has 201 characters"), r.text
         r = client.post("/v1/completions", json={"prompt": INPUT, "user": "bob"})
         assert r.status_code == 404 and r.json()["detail"] == "unknown user 'bob': PUT /v1/users/{user_id} first"
+
+
+def test_method_not_allowed_lists_every_method_of_the_path(serve):
+    with serve() as (client, _):
+        r = client.delete("/v1/users/alice")
+        assert r.status_code == 405 and r.headers["allow"] == "GET, PUT"
