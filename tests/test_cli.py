@@ -11,9 +11,13 @@ import sys
 
 import pytest
 from conftest import snapshot
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mta.bank import Bank
-from mta.cli import _quiet_hf, main
+from mta.cli import _quiet_hf, build_parser, main
+from mta.config import AnchorConfig, BankConfig, FusionConfig, LoraSpec, ServeConfig, TrainConfig
+from mta.io import MTAError
 from mta.generation import generate
 from mta.models import load_base
 from mta.stacking import load_personalized, load_profile
@@ -412,7 +416,7 @@ def test_personalize_replaces_its_own_user_folder_only_with_overwrite(capsys, pi
     root, _ = pipeline
     shutil.copytree(root / "users" / "0", tmp_path / "0")
     before = snapshot(tmp_path / "0")
-    _fails(capsys, _personalize(root / "bank", movie_data, "0", tmp_path / "0"), "already holds an mta user folder; pass --overwrite")
+    _fails(capsys, _personalize(root / "bank", movie_data, "0", tmp_path / "0"), "is an mta user folder already; pass --overwrite")
     assert snapshot(tmp_path / "0") == before
     rc, _, err = _run(*_personalize(root / "bank", movie_data, "0", tmp_path / "0", "--overwrite", "--no-stack"))
     assert rc == 0, err
@@ -435,3 +439,53 @@ def test_an_explicit_hf_hub_offline_0_is_kept(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     _quiet_hf()
     assert os.environ["HF_HUB_OFFLINE"] == "0"
+
+
+# -- fuzzed: the parser takes exactly the values the settings take ---------------------------------------------------
+
+FUZZ_EXAMPLES = int(os.environ.get("MTA_FUZZ_EXAMPLES", "60"))
+# flag → (subcommand argv, what the library does with the value: raises MTAError if it refuses it)
+FLAG_RULES = {
+    "--rank": (["bank", "build"], lambda v: LoraSpec(rank=v)),
+    "--num-clusters": (["bank", "build"], lambda v: AnchorConfig(num_clusters=v)),
+    "--retrieve": (["bank", "build"], lambda v: BankConfig("LaMP-2", num_retrieved=v)),
+    "--lr": (["bank", "build"], lambda v: TrainConfig(learning_rate=v)),
+    "--epochs": (["bank", "build"], lambda v: TrainConfig(epochs=v)),
+    "--batch-size": (["bank", "build"], lambda v: TrainConfig(batch_size=v)),
+    "--max-length": (["bank", "build"], lambda v: TrainConfig(max_length=v)),
+    "--temperature": (["personalize"], lambda v: FusionConfig(temperature=v)),
+    "--k": (["personalize"], lambda v: FusionConfig(k=v)),
+    "--max-new-tokens": (["generate"], lambda v: ServeConfig(max_new_tokens=v)),
+    "--max-batch": (["serve"], lambda v: ServeConfig(max_batch=v)),
+    "--max-wait-ms": (["serve"], lambda v: ServeConfig(max_wait_ms=v)),
+}
+REQUIRED = {"bank": ["--task", "2", "--data", "DATA", "--out", "x"], "personalize": ["--bank", "b", "--user-data", "DATA", "--out", "x"],
+            "generate": ["--user", "u"], "serve": ["--bank", "b", "--store", "s"]}
+NUMBERS = st.one_of(st.integers(-10**6, 10**6).map(str), st.floats(allow_nan=True, allow_infinity=True).map(str),
+                    st.sampled_from(["", " ", "1e309", "-0", "0x10", "1_000", "٣"]), st.text(max_size=8))
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(flag=st.sampled_from(sorted(FLAG_RULES)), text=NUMBERS)
+def test_the_parser_takes_what_the_settings_take(movie_data, flag, text):
+    argv, rule = FLAG_RULES[flag]
+    full = [*argv, *(a if a != "DATA" else str(movie_data) for a in REQUIRED[argv[0]]), f"{flag}={text}"]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            args = build_parser().parse_args(full)
+        except SystemExit as e:
+            assert e.code == 2 and re.match(r"mta [a-z ]+: error: argument " + flag, err.getvalue()), err.getvalue()
+            assert len(err.getvalue().strip().splitlines()) == 1
+            with pytest.raises((MTAError, ValueError, OverflowError)):  # refused here: refused by the library too
+                rule(_as_number(text))
+            return
+    rule(getattr(args, flag.lstrip("-").replace("-", "_")))  # accepted here: accepted by the library
+
+
+def _as_number(text: str):
+    """The value a refused text would have given the library, if it is a number at all."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)

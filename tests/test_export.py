@@ -95,5 +95,5 @@ def test_cli_export_never_replaces_what_it_did_not_write(tmp_path, random_bank, 
     assert json.loads((tmp_path / "out" / "mta_export.json").read_text())["user_id"] == "alice"
     before = snapshot(tmp_path / "out")
     capsys.readouterr()
-    assert main(argv) == 2 and "already holds an mta export; pass --overwrite" in capsys.readouterr().err
+    assert main(argv) == 2 and "is an mta export already; pass --overwrite" in capsys.readouterr().err
     assert main([*argv, "--overwrite", "--pad-rank", "16"]) == 0 and snapshot(tmp_path / "out") != before

@@ -1,13 +1,18 @@
 """`mta demo`: the three stages end to end on the embedded model, small enough for a laptop CPU.
 
-Uses the real LaMP-2 users in ../shared/data/lamp when present (else a generated set), builds a bank
-from most users, personalizes a few held-out ones and compares outputs without and with MTA.
+Uses the real LaMP-2 users in ../shared/data/lamp when present (else a generated set), builds a small bank
+from a few users, personalizes a few held-out ones and compares outputs without and with MTA.
+
+The bank is the demo's own, far smaller than the tuned one (`mta bank build`'s defaults): on a CPU without
+fast bf16 one anchor-training example costs ~4 s, so LaMP-2's tuned bank (8 anchors over every user, 3 epochs)
+would take an hour; the demo trains DEMO_ANCHORS anchors over DEMO_BANK_USERS users for one epoch.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from mta.bank import build_bank
@@ -40,15 +45,41 @@ def demo_users(out: Path) -> tuple[list[User], str]:
     return load_users(path, get_task("LaMP-2")), f"{path} (generated: ../shared/data/lamp not found)"
 
 
+DEMO_BANK_USERS = 6
+DEMO_ANCHORS = 3
+DEMO_EPOCHS = 1.0
+# Seconds per training example and for the rest (loading, embedding, generating), measured by `mta demo` on a
+# 2-core AMD EPYC with AVX2 only (fp32 training): a bank example trains every layer, a stacked-LoRA example only
+# the top layers (and, after its first epoch, reuses what the layers below made of it).
+SECONDS_PER_BANK_EXAMPLE, SECONDS_PER_STACK_EXAMPLE, SECONDS_OTHER = 2.5, 1.0, 60
+
+
+def demo_bank_config(model_name: str) -> BankConfig:
+    """LaMP-2's tuned bank settings with fewer anchors and one epoch: minutes, not an hour, on a CPU."""
+    cfg = preset(BankConfig(task="LaMP-2", base_model=model_name), "LaMP-2")
+    return replace(cfg, anchors=replace(cfg.anchors, num_clusters=DEMO_ANCHORS), train=replace(cfg.train, epochs=DEMO_EPOCHS))
+
+
+def estimate_minutes(bank_users: list[User], eval_users: list[User], bank: BankConfig, personalize_cfg: PersonalizeConfig) -> float:
+    """A rough wall time on an idle 2-core AVX2 CPU in fp32; a CPU with AVX512-BF16/AMX or a GPU is faster."""
+    bank_examples = sum(len(u.profile) for u in bank_users) * bank.train.epochs
+    stack_examples = sum(len(u.profile) for u in eval_users) * personalize_cfg.stack.train.epochs
+    return (bank_examples * SECONDS_PER_BANK_EXAMPLE + stack_examples * SECONDS_PER_STACK_EXAMPLE + SECONDS_OTHER) / 60
+
+
 def run_demo(out: Path, model_name: str, num_eval_users: int = 4, device: str | None = None, dtype: str = "auto") -> dict:
     start = time.perf_counter()
     task = get_task("LaMP-2")
     users, source = demo_users(out)
-    bank_users, eval_users = users[:-num_eval_users][:24], users[-num_eval_users:]  # 24 bank users keep it ~10 min
+    bank_users, eval_users = users[:-num_eval_users][:DEMO_BANK_USERS], users[-num_eval_users:]
+    cfg, personalize_cfg = demo_bank_config(model_name), preset(PersonalizeConfig(), task.id)
     print(f"data: {source}\n{len(bank_users)} bank users, {len(eval_users)} held-out users")
+    print(f"plan: a bank of {cfg.anchors.num_clusters} anchors ({cfg.train.epochs:g} epoch over {len(bank_users)} users' histories; "
+          f"`mta bank build` trains a larger one), then a rank-{personalize_cfg.stack.rank} stacked LoRA per held-out user; roughly "
+          f"{estimate_minutes(bank_users, eval_users, cfg, personalize_cfg):.0f} min on an idle 2-core AVX2 CPU, less with "
+          "AVX512-BF16, AMX or a GPU")
     model, tok = load_base(model_name, device, dtype)
     embedder = load_embedder(DEFAULT_EMBEDDER)
-    cfg = preset(BankConfig(task=task.id, base_model=model_name), task.id)
     print(f"stage 1: building the Meta-LoRA bank ({cfg.anchors.num_clusters} anchors, each trained on its cluster's pooled histories)")
     bank = build_bank(bank_users, out / "bank", cfg, model, tok, embedder)
     decoding = preset(Decoding(), task.id, "decoding")
@@ -58,7 +89,7 @@ def run_demo(out: Path, model_name: str, num_eval_users: int = 4, device: str | 
         model = base_of(model)
         before = generate(model, tok, prompts, task.max_new_tokens, decoding)
         print(f"stages 2+3: personalizing user {user.user_id}")
-        model, record = personalize(bank, user, preset(PersonalizeConfig(), task.id), model, tok, embedder)
+        model, record = personalize(bank, user, personalize_cfg, model, tok, embedder)
         size = save_user(out / "users" / user.user_id, model, record, user.profile)
         after = generate(model, tok, prompts, task.max_new_tokens, decoding)
         for q, b, a in zip(user.queries, before, after):

@@ -103,7 +103,7 @@ def check_replaceable(path: str | Path, marker: str, what: str, overwrite: bool 
         kind = "a folder" if path.is_dir() else "a file"
         raise MTAError(f"{path} is {kind} that is not an mta {what} (no {marker}): mta never replaces it; choose another --out")
     if not overwrite:
-        raise MTAError(f"{path} already holds an mta {what}; pass --overwrite to replace it")
+        raise MTAError(f"{path} is an mta {what} already; pass --overwrite to replace it")
 
 
 def read_json(path: str | Path, what: str = "file") -> Any:

@@ -1,8 +1,11 @@
 """LaMP data in both layouts, and a specific MTAError for every kind of bad file."""
 
 import json
+import os
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mta.data.lamp import Query, User, find_user, load_users, predictions_file, read_predictions, require_profile
 from mta.io import MTAError
@@ -142,3 +145,54 @@ def test_require_profile():
     assert require_profile(User("a", [ITEM])) == [ITEM]
     with pytest.raises(MTAError, match="user 'a' has an empty profile"):
         require_profile(User("a", []))
+
+
+# -- fuzzed: whatever JSON a file holds, the readers answer with data or an MTAError -----------------------------------
+
+FUZZ_EXAMPLES = int(os.environ.get("MTA_FUZZ_EXAMPLES", "100"))
+# the layouts' own keys, so that generated documents get past the first checks and into the readers' depths
+KEYS = ["user_id", "profile", "query", "id", "input", "gold", "description", "tag", "task", "golds", "output", "text", "score"]
+SCALARS = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6) | st.sampled_from(["LaMP_2", "LaMP-2", "1"])
+JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=3),
+                                                                                          inner, max_size=6), max_leaves=30)
+# documents of the right outline whose fields hold anything
+ITEMS = st.fixed_dictionaries({}, optional={"id": JSON, "description": JSON, "tag": JSON})
+USERS = st.lists(st.fixed_dictionaries({"user_id": JSON}, optional={"profile": st.lists(ITEMS, max_size=3) | JSON,
+                                                                    "query": st.lists(JSON, max_size=3) | JSON}), min_size=1, max_size=4)
+GOLDS = st.fixed_dictionaries({"task": SCALARS}, optional={"golds": st.lists(st.dictionaries(st.sampled_from(["id", "output"]), JSON),
+                                                                                  max_size=4) | JSON})
+FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _only_mta_errors(read, *args):
+    try:
+        read(*args)
+    except MTAError as e:
+        assert "\n" not in str(e)
+
+
+@FUZZ
+@given(doc=JSON | USERS)
+def test_any_per_user_document_loads_or_says_why(tmp_path, doc):
+    _only_mta_errors(load_users, _write(tmp_path / "users.json", json.dumps(doc)), LAMP2)
+
+
+@FUZZ
+@given(questions=JSON | st.lists(st.fixed_dictionaries({"id": JSON, "input": JSON, "profile": st.lists(ITEMS, max_size=3) | JSON}),
+                                 min_size=1, max_size=3), outputs=JSON | GOLDS)
+def test_any_official_document_loads_or_says_why(tmp_path, questions, outputs):
+    _write(tmp_path / "dev_outputs.json", json.dumps(outputs))
+    _only_mta_errors(load_users, _write(tmp_path / "dev_questions.json", json.dumps(questions)), LAMP2)
+
+
+@FUZZ
+@given(doc=JSON | GOLDS)
+def test_any_predictions_document_reads_or_says_why(tmp_path, doc):
+    _only_mta_errors(read_predictions, _write(tmp_path / "p.json", json.dumps(doc)), "LaMP-2")
+
+
+@FUZZ
+@given(data=st.binary(max_size=40))
+def test_any_bytes_read_or_say_why(tmp_path, data):
+    (tmp_path / "users.json").write_bytes(data)
+    _only_mta_errors(load_users, tmp_path / "users.json", LAMP2)

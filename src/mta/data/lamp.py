@@ -93,6 +93,8 @@ def _per_user(data: list, path: Path, task: Task | None) -> list[User]:
         where = f"{path}: user #{i}"
         _require(raw, ("user_id", "profile"), where)
         where = f"{path}: user {raw['user_id']!r}"
+        if not isinstance(raw.get("query", []), list):
+            raise MTAError(f"{where}: 'query' must be a list of {{'id', 'input'}}")
         queries = []
         for j, q in enumerate(raw.get("query", [])):
             _require(q, ("id", "input"), f"{where}, query #{j}")
