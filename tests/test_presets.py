@@ -70,11 +70,11 @@ def test_preset_of_other_configs(lamp4_preset):
 
 def test_unset_flags_take_the_preset_given_ones_win(lamp4_preset):
     parse = cli.build_parser().parse_args
-    a = parse(["personalize", "--bank", "b", "--user-data", "u", "--out", "o", "--epochs", "3"])
+    a = parse(["personalize", "--bank", "b", "--user-data", __file__, "--out", "o", "--epochs", "3"])
     s = cli._stack_config(a, "LaMP-4")
     assert (s.rank, s.train.learning_rate, s.train.epochs) == (4, 1e-2, 3.0)
     assert cli._stack_config(a, "LaMP-2") == dataclasses.replace(StackConfig(), train=dataclasses.replace(StackConfig().train, epochs=3.0))
-    a = parse(["personalize", "--bank", "b", "--user-data", "u", "--out", "o", "--stack-rank", "1", "--lr", "5e-3",
+    a = parse(["personalize", "--bank", "b", "--user-data", __file__, "--out", "o", "--stack-rank", "1", "--lr", "5e-3",
                "--stack-modules", "up_proj", "down_proj"])
     s = cli._stack_config(a, "LaMP-4")
     assert (s.rank, s.train.learning_rate, s.target_modules) == (1, 5e-3, ["up_proj", "down_proj"])
@@ -87,16 +87,16 @@ def test_fusion_preset_is_mtas_merge_only_keeps_its_own(monkeypatch):
     assert (cfg.fusion, cfg.merge_only) == (FusionConfig(scale=0.5), FusionConfig())
     cfg = cli._bench_config(parse(["bench", "--task", "LaMP-4", "--out", "o", "--fusion-scale", "0.8", "--k", "2"]), "LaMP-4")
     assert cfg.fusion == cfg.merge_only == FusionConfig(k=2, scale=0.8)  # flags reach both
-    personalize = ["personalize", "--bank", "b", "--user-data", "u", "--out", "o"]
+    personalize = ["personalize", "--bank", "b", "--user-data", __file__, "--out", "o"]
     assert cli._fusion_config(parse(personalize), "LaMP-4").scale == 0.5
     assert cli._fusion_config(parse(personalize + ["--no-stack"]), "LaMP-4", "merge_only") == FusionConfig()
 
 
 def test_bank_build_flags_over_the_preset(lamp4_preset):
     parse = cli.build_parser().parse_args
-    a = parse(["bank", "build", "--task", "LaMP-4", "--data", "d", "--out", "o"])
+    a = parse(["bank", "build", "--task", "LaMP-4", "--data", __file__, "--out", "o"])
     assert cli._bank_config(a, "LaMP-4").train.epochs == 5.0 and cli._bank_config(a, "LaMP-2") == BankConfig("LaMP-2")
-    a = parse(["bank", "build", "--task", "LaMP-4", "--data", "d", "--out", "o", "--epochs", "1", "--num-clusters", "5"])
+    a = parse(["bank", "build", "--task", "LaMP-4", "--data", __file__, "--out", "o", "--epochs", "1", "--num-clusters", "5"])
     c = cli._bank_config(a, "LaMP-4")
     assert (c.train.epochs, c.train.learning_rate, c.anchors.num_clusters) == (1.0, BankConfig("LaMP-4").train.learning_rate, 5)
 
