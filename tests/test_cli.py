@@ -361,7 +361,7 @@ def _bad_arguments():
         (serve + ["--port", "0"], "argument --port: a port must lie in 1-65535, got 0"),
         (serve + ["--max-batch", "0"], "argument --max-batch: value must be an integer of at least 1, got 0"),
         (serve + ["--max-queue", "0"], "argument --max-queue:"),
-        (serve + ["--max-wait-ms", "-1"], "argument --max-wait-ms: value must be 0 or more"),
+        (serve + ["--max-wait-ms", "-1"], "argument --max-wait-ms: max wait must be 0 ms or more, got -1.0"),
         (serve + ["--threads", "0"], "argument --threads:"),
         (bench + ["--eval-fraction", "1.5"], "argument --eval-fraction: value must lie strictly between 0 and 1"),
         (bench + ["--limit-users", "0"], "argument --limit-users:"),

@@ -54,7 +54,6 @@ def _checked(convert, check, expected: str):
             raise argparse.ArgumentTypeError(str(e)) from None
         return value
 
-    parse.__name__ = expected  # argparse names the type in some messages
     return parse
 
 
@@ -65,7 +64,7 @@ def _int_at_least(low: int):
 COUNT, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)  # e.g. --rank / --retrieve
 MAX_LENGTH = _int_at_least(MIN_MAX_LENGTH)
 RATE = _checked(float, lambda v: positive("value", v), "a number")  # finite and > 0: --lr, --epochs, --temperature
-WAIT_MS = _checked(float, lambda v: require(v >= 0 and v != float("inf"), f"value must be 0 or more, got {v!r}"), "a number")
+WAIT_MS = _checked(float, lambda v: ServeConfig(max_wait_ms=v), "a number")
 AMOUNT = _checked(float, lambda v: require(math.isfinite(v) and v >= 0, f"value must be 0 or more, got {v!r}"), "a number")
 FRACTION = _checked(float, lambda v: require(0 < v < 1, f"value must lie strictly between 0 and 1, got {v!r}"), "a number")
 PORT = _checked(int, lambda v: require(1 <= v <= 65535, f"a port must lie in 1-65535, got {v}"), "a port number")

@@ -4,7 +4,7 @@ Uses the real LaMP-2 users in ../shared/data/lamp when present (else a generated
 from a few users, personalizes a few held-out ones and compares outputs without and with MTA.
 
 The bank is the demo's own, far smaller than the tuned one (`mta bank build`'s defaults): on a CPU without
-fast bf16 one anchor-training example costs ~4 s, so LaMP-2's tuned bank (8 anchors over every user, 3 epochs)
+fast bf16 one anchor-training example costs ~2.5 s, so LaMP-2's tuned bank (8 anchors over every user, 3 epochs)
 would take an hour; the demo trains DEMO_ANCHORS anchors over DEMO_BANK_USERS users for one epoch.
 """
 

@@ -75,8 +75,9 @@ class Problem(BaseModel):
     detail: str
 
 
-_WHY = {400: "the body could not be read (not UTF-8 text)", 404: "unknown user or job", 409: "the user was fused against another bank", 413: "body, profile or input too large",
-        422: "invalid request", 503: "queue full or shutting down"}
+_WHY = {400: "the body could not be read (not UTF-8 text)", 404: "unknown user or job",
+        409: "the user was fused against another bank", 413: "body, profile or input too large", 422: "invalid request",
+        503: "queue full or shutting down"}
 
 
 def _errors(*codes: int) -> dict:
