@@ -229,7 +229,7 @@ def test_batcher_survives_cancelled_requests_and_failing_batches():
     batcher.stop()
 
 
-def test_a_chunked_body_is_bounded_by_the_bytes_received(serve, tmp_path, users):
+def test_a_chunked_body_is_bounded_by_the_bytes_received(serve, users):
     """No Content-Length to check: the limit counts what arrives, and nothing of the request is stored."""
     item = users[0].profile[0]
 
@@ -239,7 +239,7 @@ def test_a_chunked_body_is_bounded_by_the_bytes_received(serve, tmp_path, users)
             yield json.dumps(item).encode() + (b"," if i < n - 1 else b"")
         yield b"]}"
 
-    with serve(store_dir=tmp_path / "store", max_body_bytes=20_000, max_profile_items=10_000) as (client, server):
+    with serve(max_body_bytes=20_000, max_profile_items=10_000) as (client, server):
         headers = {"content-type": "application/json"}
         r = client.put("/v1/users/big", content=chunks(2_000), headers=headers)
         assert r.status_code == 413 and "exceeds the limit of 20000 bytes" in r.json()["detail"], r.text

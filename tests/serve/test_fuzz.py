@@ -16,7 +16,7 @@ from test_app import FAST_STACK, HashEmbedder
 from mta.config import ServeConfig
 from mta.models import load_base
 from mta.serve.app import create_app
-from mta.serve.store import UserStore
+from mta.serve.store import open_store
 
 EXAMPLES = int(os.environ.get("MTA_FUZZ_EXAMPLES", "25"))
 
@@ -33,7 +33,7 @@ def fuzzed(tmp_path, random_bank, tiny_model_dir, users):
     """
     model, tok = load_base(str(tiny_model_dir), device="cpu")
     cfg = ServeConfig(stack=FAST_STACK, max_new_tokens=4, max_profile_items=20, max_input_chars=500, max_body_bytes=50_000)
-    with UserStore(tmp_path / "store") as store:
+    with open_store(tmp_path / "store") as store:
         app = create_app(random_bank, store, model, tok, HashEmbedder(), cfg)
         alice = app.state.server.put_user("alice", users[0].profile)
         try:
