@@ -48,10 +48,11 @@ def demo_users(out: Path) -> tuple[list[User], str]:
 DEMO_BANK_USERS = 6
 DEMO_ANCHORS = 3
 DEMO_EPOCHS = 1.0
-# Seconds per training example and for the rest (loading, embedding, generating), measured by `mta demo` on a
-# 2-core AMD EPYC with AVX2 only (fp32 training): a bank example trains every layer, a stacked-LoRA example only
-# the top layers (and, after its first epoch, reuses what the layers below made of it).
-SECONDS_PER_BANK_EXAMPLE, SECONDS_PER_STACK_EXAMPLE, SECONDS_OTHER = 3.0, 1.0, 90
+# Seconds per training example and for the rest (loading, embedding, generating), from `mta demo` on an idle
+# 2-core AMD EPYC with AVX2 only (fp32 training; 4 min 3 s with the shared LaMP-2 users): a bank example trains
+# every layer, a stacked-LoRA example only the top layers (and, after its first epoch, reuses what the layers below
+# made of it).
+SECONDS_PER_BANK_EXAMPLE, SECONDS_PER_STACK_EXAMPLE, SECONDS_OTHER = 2.1, 0.7, 60
 
 
 def demo_bank_config(model_name: str) -> BankConfig:
