@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from mta.bank import build_bank
-from mta.bench import METHODS, bank_config, linked_groups, run_bench, split_users
+from mta.bench import ADAPTER_SETTINGS, METHODS, bank_config, linked_groups, run_bench, split_users
 from mta.config import AnchorConfig, BenchConfig, Decoding, FusionConfig, StackConfig, TrainConfig
 from mta.data.lamp import User, load_users
 from mta.io import atomic_write_bytes, atomic_write_json
@@ -303,17 +303,7 @@ def bank_folder(stage: str, task: str, fold: int) -> str:
 
 # the settings that shape a trained adapter, and those each method's result depends on: a later stage may change
 # the others without invalidating it
-TRAINED = {"anchors", "fusion", "merge_only", "stack", "stack_only", "bank_train", "lora", "user_lora_train", "recipe_stack"}
-USES = {
-    "base": set(),
-    "rag": set(),
-    "per-user-lora": {"lora", "user_lora_train"},
-    "merge-only": {"anchors", "bank_train", "lora", "merge_only"},
-    "stack-only": {"stack_only"},
-    "recipe": {"anchors", "bank_train", "lora", "recipe_stack"},
-    "mta": {"anchors", "bank_train", "lora", "fusion", "stack"},
-}
-UNUSED = {m: TRAINED - used for m, used in USES.items()}
+UNUSED = {name: ADAPTER_SETTINGS - m.uses for name, m in METHODS.items()}
 
 
 def _same(saved, now, default) -> bool:
@@ -375,7 +365,7 @@ def pooled(results: list[dict], method: str, folds: list[tuple[list[User], list[
     (one fold's result: all its figures)."""
     scores = [_score(r, method) for r in results]
     if len(scores) == 1:
-        return scores[0]
+        return {**scores[0], "folds": [scores[0]["main"]]}
     answers, users = [s["n_answers"] for s in scores], [len(tune) for _, tune in folds]
     return {"main": sum(s["main"] * n for s, n in zip(scores, answers)) / sum(answers), "n_answers": sum(answers),
             "train_seconds_per_user": sum(s["train_seconds_per_user"] * n for s, n in zip(scores, users)) / sum(users),
@@ -492,6 +482,10 @@ def markdown(report: dict) -> str:
                   "(`mta.bench.linked_groups`), so no fold's bank holds an item of its tuning users: "
                   + "; ".join(f"{t}: folds of " + ", ".join(str(len(f)) for f in fs) for t, fs in report["folds_apart"].items())
                   + ".", ""]
+    if any(stage in HS for stage in report["stages"]):
+        lines += ["The hs-* stages score one fold per task, personalized from a bank of the other bank users, on the "
+                  "history-size protocol: " + "; ".join(f"{t}: {len(ids)} tuning users" for t, ids in report["folds_hs"].items())
+                  + " (LaMP-4's fold keeps users who share an item together, so its bank holds none of their items).", ""]
     for stage, s in report["stages"].items():
         w = s["winner"]
         tasks = list(next(iter(s["trials"].values())))
@@ -516,7 +510,7 @@ def markdown(report: dict) -> str:
                       "|---|---|" + "---|" * len(report["history_sizes"])]
             lines += [f"| {name} | {t} | " + " | ".join(f"{per_task[t]['by_size'][str(n)]:.4f}" for n in report["history_sizes"]) + " |"
                       for name, per_task in s["trials"].items() for t in tasks if "by_size" in per_task[t]]
-        if stage in FOLDED:
+        if stage in FOLDED and stage not in HS:
             lines += ["", "Per fold: " + "; ".join(f"{name} " + " / ".join(f"{x:.4f}" for x in per_task[t]["folds"])
                                                   for name, per_task in s["trials"].items() for t in tasks) + "."]
         if "budget" in s:

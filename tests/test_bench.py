@@ -1,6 +1,7 @@
 """`mta bench` end to end on the tiny model: 9 bank users, 3 eval users, all seven methods."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -278,6 +279,18 @@ def test_a_rerun_reads_back_what_was_answered(curves, monkeypatch, tmp_path, run
     assert (curves / "h2" / "predictions" / "mta.json").read_text() == before
 
 
+def test_a_rerun_with_another_mta_setting_reanswers_mta_alone(curves, tmp_path, run, tiny_model_dir):
+    out = tmp_path / "again"
+    shutil.copytree(curves, out)
+    saved = {name: (out / "h2" / "answers" / f"{name}.json").read_text() for name in ("base", "merge-only", "mta")}
+    assert main(["bench", "--task", "LaMP-2", "--bank-users", str(run / "bank_users.json"), "--eval-users",
+                 str(run / "eval_users.json"), "--out", str(out), "--model", str(tiny_model_dir), "--methods", "base",
+                 "merge-only", "mta", "--history-sizes", "2", "--no-full-profile", "--reuse-bank", str(run / "bank"), *FAST,
+                 "--stack-lr", "0.05"]) == 0
+    now = {name: (out / "h2" / "answers" / f"{name}.json").read_text() for name in saved}
+    assert now["base"] == saved["base"] and now["merge-only"] == saved["merge-only"] and now["mta"] != saved["mta"]
+
+
 def test_versus_script_pairs_another_runs_answers(curves):
     """benchmarks/versus.py on a run against itself reproduces the run's own paired comparisons."""
     import importlib.util
@@ -292,6 +305,19 @@ def test_versus_script_pairs_another_runs_answers(curves):
         for m in ("merge-only", "base"):
             assert s["versus"][m] == pytest.approx(r["history_sizes"][n]["versus"][m])
         assert s["mta"][0] == pytest.approx(r["history_sizes"][n]["methods"]["mta"]["accuracy"])
+
+
+def test_bf16_script_counts_changed_answers_against_an_exact_control(curves):
+    """benchmarks/bf16_answers.py: reloading a user's fp32 stacked LoRA answers exactly as the run did."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bf16_script", Path(__file__).parent.parent / "benchmarks" / "bf16_answers.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = script.measure(curves, "mta")
+    for n, s in out["sizes"].items():
+        assert s["control_changed"] == 0 and 0 <= s["changed"] <= s["n_answers"] == 3 * (6 - int(n) + 1)
+        assert s["bytes_per_user"]["bf16"] < s["bytes_per_user"]["fp32"]  # half the tensors; the header is the same
 
 
 def test_verdict_reads_the_interval():

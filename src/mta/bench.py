@@ -71,6 +71,7 @@ class Method:
     history: bool = True  # the BM25 top history item goes into the prompt
     needs_bank: bool = False
     adapts: bool = True  # False: the base model as it is, so an answer depends on the prompt alone
+    uses: frozenset[str] = frozenset()  # the ADAPTER_SETTINGS (BenchConfig fields) that shape this method's adapter
 
 
 def _unadapted(run: Run, model, user: User, folder: Path) -> tuple[torch.nn.Module, int]:
@@ -106,14 +107,21 @@ def _recipe(c: BenchConfig) -> PersonalizeConfig:
     return PersonalizeConfig(FusionConfig(merge="recipe"), c.recipe_stack, c.num_retrieved)
 
 
+# BenchConfig fields that shape some method's adapter: a method's answers depend on those it uses, not the others'
+ADAPTER_SETTINGS = {"anchors", "fusion", "merge_only", "stack", "stack_only", "bank_train", "lora", "user_lora_train",
+                    "recipe_stack"}
+BANK = frozenset({"anchors", "bank_train", "lora"})
 METHODS: dict[str, Method] = {
     "base": Method(_unadapted, history=False, adapts=False),
     "rag": Method(_unadapted, adapts=False),
-    "per-user-lora": Method(_per_user_lora),
-    "merge-only": Method(_personalized(lambda c: PersonalizeConfig(c.merge_only, None, c.num_retrieved)), needs_bank=True),
-    "stack-only": Method(_personalized(lambda c: PersonalizeConfig(None, c.stack_only, c.num_retrieved))),
-    "recipe": Method(_personalized(_recipe), needs_bank=True),
-    "mta": Method(_personalized(lambda c: PersonalizeConfig(c.fusion, c.stack, c.num_retrieved)), needs_bank=True),
+    "per-user-lora": Method(_per_user_lora, uses=frozenset({"lora", "user_lora_train"})),
+    "merge-only": Method(_personalized(lambda c: PersonalizeConfig(c.merge_only, None, c.num_retrieved)), needs_bank=True,
+                         uses=BANK | {"merge_only"}),
+    "stack-only": Method(_personalized(lambda c: PersonalizeConfig(None, c.stack_only, c.num_retrieved)),
+                         uses=frozenset({"stack_only"})),
+    "recipe": Method(_personalized(_recipe), needs_bank=True, uses=BANK | {"recipe_stack"}),
+    "mta": Method(_personalized(lambda c: PersonalizeConfig(c.fusion, c.stack, c.num_retrieved)), needs_bank=True,
+                  uses=BANK | {"fusion", "stack"}),
 }
 
 
@@ -299,8 +307,10 @@ _RUN_SHAPE = {"methods", "limit_users", "full_profile", "history_sizes", "bank_f
 
 
 def _fingerprint(run: Run, name: str, cond: Condition) -> str:
-    """What a method's answers in a condition depend on: settings, the bank it fuses from, the users as asked."""
-    settings = {k: v for k, v in dataclasses.asdict(run.cfg).items() if k not in _RUN_SHAPE}
+    """What a method's answers in a condition depend on: the settings it uses, the bank it fuses from, the users as
+    asked. A rerun with another setting of MTA's answers the other methods from what they saved."""
+    unused = _RUN_SHAPE | (ADAPTER_SETTINGS - METHODS[name].uses)
+    settings = {k: v for k, v in dataclasses.asdict(run.cfg).items() if k not in unused}
     bank = cond.bank.fingerprint if METHODS[name].needs_bank else None
     users = [[u.user_id, u.profile, [dataclasses.asdict(q) for q in u.queries]] for u in cond.users]
     return hashlib.sha256(json.dumps([name, settings, bank, users], sort_keys=True, default=str).encode()).hexdigest()

@@ -178,6 +178,21 @@ def merge(bank: Bank, record: FusionRecord) -> LoraWeights:
                         for n in anchors[0].modules})
 
 
+def unweighted(bank: Bank, anchor_ids: list[str]) -> LoraWeights:
+    """The anchors' factors side by side at weight 1: the part of an exact fusion every user of these anchors shares."""
+    return merge(bank, FusionRecord(list(anchor_ids), [0.0] * len(anchor_ids), [1.0] * len(anchor_ids), "exact"))
+
+
+def row_weights(bank: Bank, record: FusionRecord) -> dict[str, Tensor]:
+    """Per module, the weight of each rank row of `unweighted`'s factors in an exact fusion: B's rows scaled by them
+    give `merge`'s B, so ΔW = Σᵢ wᵢ·Bᵢ·Aᵢ."""
+    if record.merge != "exact":
+        raise MTAError(f"only an exact fusion splits into shared factors and weights, not {record.merge!r}")
+    anchors = [bank.anchor(a) for a in record.anchor_ids]
+    return {n: torch.cat([torch.full((x.modules[n][0].shape[0],), w) for x, w in zip(anchors, record.weights_at(n))])
+            for n in anchors[0].modules}
+
+
 def fuse(bank: Bank, user_embedding: np.ndarray | Tensor, cfg: FusionConfig = FusionConfig()) -> tuple[LoraWeights, FusionRecord]:
     record = plan_fusion(bank, user_embedding, cfg)
     return merge(bank, record), record

@@ -14,7 +14,7 @@ import pytest
 from conftest import snapshot
 from fastapi.testclient import TestClient
 
-from mta.config import ServeConfig, StackConfig, TrainConfig
+from mta.config import FusionConfig, ServeConfig, StackConfig, TrainConfig
 from mta.generation import generate
 from mta.models import load_base
 from mta.serve.app import Batcher, create_app
@@ -43,7 +43,7 @@ def serve(tmp_path, random_bank, tiny_model_dir):
     def start(where=tmp_path / "store", **cfg):
         model, tok = load_base(str(tiny_model_dir), device="cpu")
         store = open_store(where)
-        app = create_app(random_bank, store, model, tok, HashEmbedder(), ServeConfig(stack=FAST_STACK, **cfg))
+        app = create_app(random_bank, store, model, tok, HashEmbedder(), ServeConfig(**{"stack": FAST_STACK, **cfg}))
         try:
             with TestClient(app) as client:
                 yield client, app.state.server
@@ -137,6 +137,29 @@ def test_adapted_users_survive_a_restart_and_match_the_reference(serve, store_at
         _put(client, "u0", users[3].profile)  # a new profile drops the stale stacked LoRA and its file
         assert not client.get("/v1/users/u0").json()["stacked"]
     assert not sqlite or len(snapshot(Path(store_at) / "adapters")) == 1
+
+
+def test_users_fused_from_the_same_anchors_share_them_whatever_their_weights(serve, random_bank, tiny_model_dir, users):
+    """Learned per-layer weights make every user's fusion their own; the served rows still share the anchors'
+    prepared factors (one per set of anchors) and answer as each user's PEFT model does alone."""
+    fusion = FusionConfig(k=2, adapt="learn-layer", learn_lr=0.3)
+    stack = StackConfig(rank=2, top_layers=1, train=FAST_STACK.train)
+    ids = ["w0", "w1", "w2", "w3"]
+    with serve(fusion=fusion, stack=stack) as (client, server):
+        for i, uid in enumerate(ids):
+            _put(client, uid, users[i].profile)
+        jobs = [client.post(f"/v1/users/{uid}/adapt").json() for uid in ids]
+        assert all(_wait(client, j["id"])["status"] == "done" for j in jobs)
+        records = [server.store.get(uid).record for uid in ids]
+        assert all(r.fusion.adapt == "learn-layer" and set(r.fusion.layer_weights) == {"1"} for r in records)
+        assert len({json.dumps(r.fusion.layer_weights) for r in records}) == len(ids)  # every user's own weights
+        served = {uid: _generate(client, uid) for uid in ids}
+        assert len(server.fused) == len({tuple(r.fusion.anchor_ids) for r in records}) < len(ids) + 1
+        model, tok = load_base(str(tiny_model_dir), device="cpu")
+        for i, uid in enumerate(ids):
+            stored = server.store.get(uid)
+            ref = with_adapters(model, fused_adapter(random_bank, stored.record), server.store.stacked(stored))
+            assert generate(ref, tok, [query_prompt(TASK, INPUT, users[i].profile)], 8)[0] == served[uid]
 
 
 def test_concurrent_requests_share_a_forward_pass(serve, users):

@@ -38,9 +38,9 @@ from mta.bank import Bank
 from mta.config import ServeConfig
 from mta.data.lamp import USER_ID_PATTERN, User
 from mta.embedding import profile_embedding
-from mta.fusion import plan_fusion
+from mta.fusion import plan_fusion, row_weights, unweighted
 from mta.io import MTAError
-from mta.serve.batched import LRUCache, PerRowLora, Row, RowOutput, generate_rows
+from mta.serve.batched import LRUCache, PerRowLora, Row, RowOutput, Scaled, generate_rows
 from mta.serve.store import Job, StoredUser, UserStore
 from mta.stacking import STACK, PersonalizeConfig, UserRecord, base_of, fused_adapter, personalize
 from mta.tasks import query_prompt
@@ -234,7 +234,7 @@ class Server:
         self.num_retrieved = cfg.num_retrieved if cfg.num_retrieved is not None else bank.config.num_retrieved
         self.lora = PerRowLora(model)
         self.cache: LRUCache = LRUCache(cfg.cache_size)  # per user: their prepared adapter parts
-        self.fused: LRUCache = LRUCache(cfg.cache_size)  # per fusion record: its prepared fused adapter, shared by users
+        self.fused: LRUCache = LRUCache(cfg.cache_size)  # per set of anchors (or fusion record): prepared, shared by users
         self.metrics = Metrics()
         self.batcher = Batcher(self._run_batch, cfg.max_batch, cfg.max_queue, cfg.max_wait_ms / 1000)
         self.id = uuid.uuid4().hex  # this server instance: it owns the adapt jobs it runs, and renews their leases
@@ -291,13 +291,20 @@ class Server:
         return Row(prompt, adapter, max_new_tokens or self.task.max_new_tokens)
 
     def _prepare(self, record: UserRecord, stored: StoredUser | None) -> tuple:
-        """A user's adapter parts: the fused one, shared with every user fused alike (k anchors of rank r on every
-        layer, megabytes), and their own stacked LoRA (kilobytes), read from the store.
+        """A user's adapter parts: the fused one and their own stacked LoRA (kilobytes), read from the store.
 
-        With k = 1 (the default) users fused to the same anchor share one fused part; with k ≥ 2 their weights
-        differ, so each cached user holds their own.
+        An exact fusion's factors (k anchors of rank r on every layer, megabytes) are prepared once per set of anchors
+        and shared by every user fused from them; each user holds only their weights (planned, picked or learned per
+        layer), applied as a batch is gathered. Other merges (linear, svd: ΔW not linear in the weights) are prepared
+        once per fusion record.
         """
-        fused = self.fused.get(self._fusion_key(record), lambda: self._prepared(fused_adapter(self.bank, record)))
+        fused, f = None, record.fusion
+        if f is not None and f.merge == "exact":
+            shared = self.fused.get((self.bank.fingerprint, tuple(f.anchor_ids)),
+                                    lambda: self.lora.prepare(unweighted(self.bank, f.anchor_ids)))
+            fused = Scaled(shared, {n: w.to(device=self.lora.device, dtype=self.lora.dtype) for n, w in row_weights(self.bank, f).items()})
+        elif f is not None:
+            fused = self.fused.get(self._fusion_key(record), lambda: self._prepared(fused_adapter(self.bank, record)))
         start = time.perf_counter()
         stacked = self._prepared(self.store.stacked(stored) if stored else None)
         self.metrics.observe_adapter_load(time.perf_counter() - start)

@@ -7,8 +7,9 @@ the rows' LoRA factors are gathered into [batch, in, rank] and [batch, rank, out
 
 costs two batched matmuls for the whole batch whatever the number of distinct users. A row's adapter is
 a tuple of parts — a user's fused adapter and their stacked LoRA — laid side by side in the rank dimension
-when a batch is gathered (as `LoraWeights.concat` would: the exact sum of the updates), so users fused
-alike share one prepared fused part in memory. Rows of lower rank, or with no adapter at all, are
+when a batch is gathered (as `LoraWeights.concat` would: the exact sum of the updates); a part may be
+shared factors that each row scales by its own weights (`Scaled`), so users fused from the same anchors
+share one prepared fused part in memory whatever their weights. Rows of lower rank, or with no adapter at all, are
 zero-padded, and zeros add nothing. The layers are hooked only while a batch runs, so outside it the
 model is untouched.
 """
@@ -30,7 +31,22 @@ from mta.config import Decoding
 from mta.generation import rules as decoding_rules
 
 Factors = dict[str, tuple[Tensor, Tensor]]  # module path → (Aᵀ [in, r], Bᵀ [r, out]), in the model's dtype and device
-Adapter = tuple[Factors, ...]  # a row's parts, side by side in rank; () or None: the base model alone
+
+
+@dataclass(frozen=True)
+class Scaled:
+    """Shared factors with a row's own weights: each rank row of Bᵀ scaled by its weight as the batch is gathered.
+
+    A user's exact fusion is the bank's anchors side by side with their B scaled by the user's weights, so every
+    user fused from the same anchors shares one prepared copy and holds only their weights (a few floats a layer).
+    """
+
+    factors: Factors
+    scales: dict[str, Tensor]  # module path → [r], one weight per rank row
+
+
+Part = Factors | Scaled
+Adapter = tuple[Part, ...]  # a row's parts, side by side in rank; () or None: the base model alone
 T = TypeVar("T")
 
 
@@ -88,7 +104,7 @@ class PerRowLora:
         with self._lock:
             handles = []
             try:
-                for name in sorted(set().union(*(f for parts in adapters if parts for f in parts))):
+                for name in sorted(set().union(*(_modules(p) for parts in adapters if parts for p in parts))):
                     at, bt = self._gather(name, adapters)
                     handles.append(self.linears[name].register_forward_hook(_lora_hook(at, bt)))
                 yield
@@ -98,7 +114,7 @@ class PerRowLora:
 
     def _gather(self, name: str, adapters: list[Adapter | None]) -> tuple[Tensor, Tensor]:
         layer = self.linears[name]
-        parts = [[f[name] for f in row or () if name in f] for row in adapters]
+        parts = [[_factors(p, name) for p in row or () if name in _modules(p)] for row in adapters]
         rank = max(sum(a.shape[1] for a, _ in row) for row in parts)
         at = torch.zeros(len(adapters), layer.in_features, rank, dtype=self.dtype, device=self.device)
         bt = torch.zeros(len(adapters), rank, layer.out_features, dtype=self.dtype, device=self.device)
@@ -109,6 +125,17 @@ class PerRowLora:
                 bt[i, start: start + b.shape[0]] = b
                 start += a.shape[1]
         return at, bt
+
+
+def _modules(part: Part) -> Factors:
+    return part.factors if isinstance(part, Scaled) else part
+
+
+def _factors(part: Part, name: str) -> tuple[Tensor, Tensor]:
+    if isinstance(part, Scaled):
+        a, b = part.factors[name]
+        return a, b * part.scales[name][:, None]
+    return part[name]
 
 
 def _lora_hook(at: Tensor, bt: Tensor):
