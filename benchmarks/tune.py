@@ -388,6 +388,7 @@ def main() -> None:
     p.add_argument("--history-sizes", type=lambda t: [int(x) for x in t.split(",")], default=[2, 4, 8])
     p.add_argument("--report", default=str(ROOT / "benchmarks" / "results" / "tuning"))
     p.add_argument("--cached-only", action="store_true", help="rewrite the report from finished trials, run nothing")
+    p.add_argument("--trials", nargs="+", help="run only these trials of the stages (the winner is picked among them)")
     a = p.parse_args()
     out, report_json = Path(a.out), Path(a.report + ".json")
     saved = json.loads(report_json.read_text())["stages"] if report_json.exists() else {}
@@ -406,6 +407,8 @@ def main() -> None:
                 cfgs = _apply_winner(cfgs, trials, saved[stage])
             continue
         scores: dict[str, dict[str, dict]] = {}
+        if a.trials:
+            trials = [(n, o) for n, o in trials if n in a.trials]
         timed = stage in BUDGETED
         if timed:  # the reference: the per-user LoRA's current setting, timed by the same code
             trials = [("_per-user-lora", lambda c: c), *trials]
