@@ -6,7 +6,7 @@ questions both ways with the run's decoding. Reported per size: answers that cha
 with the paired interval of the difference, and the bytes of the stacked LoRA both ways. As a control, the fp32
 reload is compared with the answers the run itself saved (the in-process model, same weights).
 
-Usage: python benchmarks/bf16_answers.py RUN [--method mta] [--out FILE]
+Usage: python benchmarks/bf16_answers.py RUN [--method mta] [--sizes 2,4] [--out FILE]
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ from mta.stacking import base_of, load_profile, user_adapters, with_adapters
 from mta.tasks import get_task, query_prompt
 
 
-def measure(run: Path, method: str) -> dict:
+def measure(run: Path, method: str, sizes: list[str] | None = None) -> dict:
     r = read_json(run / "results.json", "results")
     task, cfg = get_task(r["task"]), r["config"]["bench"]
     decoding, retrieved = Decoding(**cfg["decoding"]), cfg["num_retrieved"]
     bank = Bank.load(r["config"]["bank_path"]) if r["config"]["bank_path"] else None
     model, tok = load_base(cfg["base_model"])
     out = {"run": str(run), "method": method, "sizes": {}}
-    for n in sorted(r["history_sizes"], key=int):
+    for n in sorted(sizes or r["history_sizes"], key=int):
         folder = run / f"h{n}"
         saved = read_json(folder / "answers" / f"{method}.json", "saved answers")["outputs"]
         answers = {"fp32": [], "bf16": []}
@@ -74,9 +74,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run")
     p.add_argument("--method", default="mta")
+    p.add_argument("--sizes", type=lambda t: t.split(","), help="history sizes to measure (default: all the run's)")
     p.add_argument("--out")
     a = p.parse_args()
-    result = measure(Path(a.run), a.method)
+    result = measure(Path(a.run), a.method, a.sizes)
     if a.out:
         atomic_write_json(a.out, result)
 

@@ -38,6 +38,7 @@ from mta.data.lamp import User, load_users
 from mta.io import atomic_write_bytes, atomic_write_json
 from mta.models import load_base, load_embedder
 from mta.tasks import get_task
+from versus import compare
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "lamp"
@@ -282,6 +283,11 @@ def tuning_folds(task_id: str, data: Path, eval_fraction: float, n: int, seed: i
 # The hs-* stages score one fold of about HS_USERS tuning users per task, personalized from a bank of the other bank
 # users (LaMP-4's fold keeps users who share items together: no bank user holds an item of a tuning user)
 HS, HS_USERS, HS_APART = {"hs-parts", "hs-fusion"}, 16, {"LaMP-4"}
+# A trial of these stages replaces the first (today's setting) only where it is better with confidence: its paired 95 %
+# interval against the first, over all answers at every size, above 0; and only where it trains in at most COST_CAP
+# times the first's time (the first kept within 1/3 of the per-user LoRA's in the timed cv-* stages: a challenger
+# must stay near it). Each trial is also set against MTA's parts.
+CHALLENGED, PARTS, COST_CAP = {"hs-fusion"}, ("merge-only", "stack-only"), 1.25
 BUDGETED = {"mta-cached", "mta-bf16", "task-mta", "task-mta-modules", "cv-mta", "cv-mta-steps"}
 APART = {"apart-merge-only", "apart-fusion", "apart-mta", "apart-recipe", "apart-baselines"}  # on tuning_folds(apart=True)
 # stage: the tasks it runs on, over all their folds
@@ -434,6 +440,8 @@ def main() -> None:
                           f"{per_method[m]['train_seconds_per_user']:.1f} s/user ({time.perf_counter() - start:.0f} s)", flush=True)
                 if len(by) == 1:
                     scores.setdefault(name, {})[task] = per_method[by[0]]
+                    if stage in CHALLENGED:
+                        scores[name][task]["folder"] = str(folder / "fold0")
                 else:  # scored by the methods' mean; their train time is the sum
                     scores.setdefault(name, {})[task] = {
                         "main": sum(v["main"] for v in per_method.values()) / len(by),
@@ -451,6 +459,8 @@ def main() -> None:
             winner = {t: max(scores, key=lambda n: (within[n][t], scores[n][t]["main"], -rank(n))) for t in used}
         else:
             winner = max(combined, key=lambda n: (all(within[n].values()), combined[n], -rank(n)))
+        if stage in CHALLENGED:
+            winner = _challenge(out, stage, method, scores, trials[0][0], winner)
         report["stages"][stage] = {"method": method, "winner": winner, "combined": combined, "trials": scores}
         cfgs = _apply_winner(cfgs, trials, report["stages"][stage])
         if reference is not None:
@@ -459,6 +469,26 @@ def main() -> None:
         print(f"[{stage}] winner: {winner}", flush=True)
         _write(report, cfgs, a.report)
     _write(report, cfgs, a.report)  # the saved stages after the last one run shape the settings too
+
+
+def _challenge(out: Path, stage: str, method: str, scores: dict, first: str, winner: dict[str, str]) -> dict[str, str]:
+    """Pair every trial with the first and with MTA's parts (hs-parts' runs), answer by answer; per task, the best
+    trial whose interval against the first is above 0 and whose train time is within COST_CAP of the first's wins."""
+    for name, per_task in scores.items():
+        for t, sc in per_task.items():
+            parts = [(m, out / t / "hs-parts" / f"as-tuned-{m}" / "fold0") for m in PARTS]
+            theirs = [("first", Path(per_task[t]["folder"]) if name == first else Path(scores[first][t]["folder"]))] + \
+                     [(m, d) for m, d in parts if (d / "results.json").exists()]
+            sc["versus"] = {}
+            for label, folder in theirs:
+                c = compare(Path(sc["folder"]), method, folder, [method if label == "first" else label])
+                sc["versus"][label] = {"all": c["all"]["versus"][method if label == "first" else label],
+                                       **{n: b["versus"][method if label == "first" else label] for n, b in c["sizes"].items()}}
+    def eligible(name: str, t: str) -> bool:
+        s, f = scores[name][t], scores[first][t]
+        return name == first or (s["versus"]["first"]["all"][1] > 0
+                                 and s["train_seconds_per_user"] <= COST_CAP * f["train_seconds_per_user"])
+    return {t: max((n for n in scores if eligible(n, t)), key=lambda n: scores[n][t]["main"]) for t in winner}
 
 
 def _write(report: dict, cfgs: dict[str, BenchConfig], path: str) -> None:
@@ -513,6 +543,15 @@ def markdown(report: dict) -> str:
                       "|---|---|" + "---|" * len(report["history_sizes"])]
             lines += [f"| {name} | {t} | " + " | ".join(f"{per_task[t]['by_size'][str(n)]:.4f}" for n in report["history_sizes"]) + " |"
                       for name, per_task in s["trials"].items() for t in tasks if "by_size" in per_task[t]]
+        if stage in CHALLENGED:
+            lines += ["", "Paired differences over all answers (and per size), 95 % intervals over users: each trial minus "
+                      "the first, and minus MTA's parts. A trial replaces the first only where its interval against it is above 0 "
+                      f"and it trains in at most {COST_CAP:g}x the first's time.",
+                      "", "| trial | task | " + " | ".join(f"− {x}" for x in ("first", *PARTS)) + " |", "|---|---|" + "---|" * (1 + len(PARTS))]
+            lines += [f"| {name} | {t} | " + " | ".join(
+                "; ".join(f"{k}: {d:+.4f} [{lo:+.3f}, {hi:+.3f}]" for k, (d, lo, hi) in per_task[t]["versus"][x].items())
+                if x in per_task[t].get("versus", {}) else "" for x in ("first", *PARTS)) + " |"
+                for name, per_task in s["trials"].items() for t in tasks]
         if stage in FOLDED and stage not in HS:
             lines += ["", "Per fold: " + "; ".join(f"{name} " + " / ".join(f"{x:.4f}" for x in per_task[t]["folds"])
                                                   for name, per_task in s["trials"].items() for t in tasks) + "."]

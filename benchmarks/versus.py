@@ -20,30 +20,38 @@ from mta.tasks import get_task
 
 
 def compare(ours: Path, method: str, theirs: Path, names: list[str]) -> dict:
-    """Per history size of `ours`: its method's main metric with an interval, and minus each of `theirs`' methods."""
+    """Per history size of `ours`, and over all its sizes together ("all"): its method's main metric with an
+    interval, and minus each of `theirs`' methods (a user's answers at every size resampled together)."""
     r = read_json(ours / "results.json", "results")
     task = get_task(r["task"])
     out = {"task": task.id, "main_metric": task.main_metric, "ours": f"{ours}:{method}", "theirs": str(theirs), "sizes": {}}
+    pooled: dict[str, list] = {"golds": [], "users": [], method: [], **{f"theirs:{m}": [] for m in names}}
     for n in sorted(r.get("history_sizes", {}), key=int):
         asked = load_users(ours / f"h{n}" / "eval_users.json", task)
         if asked != load_users(theirs / f"h{n}" / "eval_users.json", task):
             raise MTAError(f"{ours} and {theirs} did not ask the same users the same questions at n = {n}")
         queries = [q for u in asked for q in u.queries]
-        golds, users = [q.gold for q in queries], [u.user_id for u in asked for _ in u.queries]
 
         def outputs(run: Path, name: str) -> list[str]:
             saved = read_json(run / f"h{n}" / "answers" / f"{name}.json", "saved answers")["outputs"]
             return [saved[q.id] for q in queries]
 
-        mine = outputs(ours, method)
-        per = [task.evaluate([o], [g])[task.main_metric] for o, g in zip(mine, golds)]
-        mean, lo, hi = user_interval(per, users)
-        vs = {}
-        for name in names:
-            v = versus(task, mine, outputs(theirs, name), golds, users)
-            vs[name] = [v["diff"], *v["ci95"]]
-        out["sizes"][n] = {"n_answers": len(golds), method: [mean, lo, hi], "versus": vs}
+        pooled["golds"] += [q.gold for q in queries]
+        pooled["users"] += [u.user_id for u in asked for _ in u.queries]
+        pooled[method] += outputs(ours, method)
+        for m in names:
+            pooled[f"theirs:{m}"] += outputs(theirs, m)
+        out["sizes"][n] = _block(task, method, names, {k: v[-len(queries):] for k, v in pooled.items()})
+    out["all"] = _block(task, method, names, pooled)
     return out
+
+
+def _block(task, method: str, names: list[str], answers: dict[str, list]) -> dict:
+    golds, users, mine = answers["golds"], answers["users"], answers[method]
+    per = [task.evaluate([o], [g])[task.main_metric] for o, g in zip(mine, golds)]
+    vs = {m: versus(task, mine, answers[f"theirs:{m}"], golds, users) for m in names}
+    return {"n_answers": len(golds), method: list(user_interval(per, users)),
+            "versus": {m: [v["diff"], *v["ci95"]] for m, v in vs.items()}}
 
 
 def main() -> None:
@@ -56,7 +64,7 @@ def main() -> None:
     run, _, method = a.ours.partition(":")
     result = compare(Path(run), method or "mta", Path(a.theirs), a.methods)
     main_metric = result["main_metric"]
-    for n, s in result["sizes"].items():
+    for n, s in [*result["sizes"].items(), ("all", result["all"])]:
         mean, lo, hi = s[method or "mta"]
         print(f"n = {n} ({s['n_answers']} answers): {main_metric} {mean:.4f} [{lo:.3f}, {hi:.3f}]; "
               + "; ".join(f"− {m}: {d:+.4f} [{a_:+.3f}, {b:+.3f}] {verdict([d, a_, b], main_metric)}"

@@ -305,6 +305,11 @@ def test_versus_script_pairs_another_runs_answers(curves):
         for m in ("merge-only", "base"):
             assert s["versus"][m] == pytest.approx(r["history_sizes"][n]["versus"][m])
         assert s["mta"][0] == pytest.approx(r["history_sizes"][n]["methods"]["mta"]["accuracy"])
+    sizes = out["sizes"].values()  # all sizes pooled: every answer once, the mean weighted by answers
+    assert out["all"]["n_answers"] == sum(s["n_answers"] for s in sizes)
+    assert out["all"]["mta"][0] == pytest.approx(sum(s["mta"][0] * s["n_answers"] for s in sizes) / out["all"]["n_answers"])
+    assert out["all"]["versus"]["base"][0] == pytest.approx(
+        sum(s["versus"]["base"][0] * s["n_answers"] for s in sizes) / out["all"]["n_answers"])
 
 
 def test_bf16_script_counts_changed_answers_against_an_exact_control(curves):
