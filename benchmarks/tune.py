@@ -460,7 +460,7 @@ def main() -> None:
         else:
             winner = max(combined, key=lambda n: (all(within[n].values()), combined[n], -rank(n)))
         if stage in CHALLENGED:
-            winner = _challenge(out, stage, method, scores, trials[0][0], winner)
+            winner = _challenge(out, method, scores, trials[0][0], winner)
         report["stages"][stage] = {"method": method, "winner": winner, "combined": combined, "trials": scores}
         cfgs = _apply_winner(cfgs, trials, report["stages"][stage])
         if reference is not None:
@@ -471,19 +471,17 @@ def main() -> None:
     _write(report, cfgs, a.report)  # the saved stages after the last one run shape the settings too
 
 
-def _challenge(out: Path, stage: str, method: str, scores: dict, first: str, winner: dict[str, str]) -> dict[str, str]:
+def _challenge(out: Path, method: str, scores: dict, first: str, winner: dict[str, str]) -> dict[str, str]:
     """Pair every trial with the first and with MTA's parts (hs-parts' runs), answer by answer; per task, the best
     trial whose interval against the first is above 0 and whose train time is within COST_CAP of the first's wins."""
-    for name, per_task in scores.items():
+    for per_task in scores.values():
         for t, sc in per_task.items():
-            parts = [(m, out / t / "hs-parts" / f"as-tuned-{m}" / "fold0") for m in PARTS]
-            theirs = [("first", Path(per_task[t]["folder"]) if name == first else Path(scores[first][t]["folder"]))] + \
-                     [(m, d) for m, d in parts if (d / "results.json").exists()]
+            theirs = [("first", method, Path(scores[first][t]["folder"]))] + \
+                     [(m, m, d) for m in PARTS if ((d := out / t / "hs-parts" / f"as-tuned-{m}" / "fold0") / "results.json").exists()]
             sc["versus"] = {}
-            for label, folder in theirs:
-                c = compare(Path(sc["folder"]), method, folder, [method if label == "first" else label])
-                sc["versus"][label] = {"all": c["all"]["versus"][method if label == "first" else label],
-                                       **{n: b["versus"][method if label == "first" else label] for n, b in c["sizes"].items()}}
+            for label, name, folder in theirs:
+                c = compare(Path(sc["folder"]), method, folder, [name])
+                sc["versus"][label] = {"all": c["all"]["versus"][name], **{n: b["versus"][name] for n, b in c["sizes"].items()}}
     def eligible(name: str, t: str) -> bool:
         s, f = scores[name][t], scores[first][t]
         return name == first or (s["versus"]["first"]["all"][1] > 0
