@@ -533,10 +533,15 @@ def _vs(v: list[float] | None, main: str) -> str:
     return f"{_num(v[0], 4, '+')} [{_num(v[1], 3, '+')}, {_num(v[2], 3, '+')}] {verdict(v, main)}" if v else ""
 
 
+def _ordered(methods: dict) -> dict:
+    """`methods` in METHODS' order, whatever order results.json (written with sorted keys) holds them in."""
+    return {n: methods[n] for n in sorted(methods, key=lambda n: list(METHODS).index(n) if n in METHODS else len(METHODS))}
+
+
 def _curve_tables(title: str, blocks: dict[str, dict], label, main: str) -> list[str]:
     """One table of the main metric (with its interval) and one of mta minus each method, a column per point."""
     points = list(blocks)
-    names = list(next(iter(blocks.values()))["methods"])
+    names = list(_ordered(next(iter(blocks.values()))["methods"]))
     head = "| method | " + " | ".join(label(p, blocks[p]) for p in points) + " |"
     rule = "|---|" + "---|" * len(points)
     lines = [title, "", head, rule]
@@ -560,7 +565,7 @@ def results_markdown(results: dict) -> str:
              "bootstrap over eval users (a user's answers resampled together); mta − it is paired. *better*/*worse*: the "
              "whole interval on one side of 0; *level*: it holds 0.", ""]
     if "methods" in results:
-        m, v = results["methods"], results["mta_versus"]
+        m, v = _ordered(results["methods"]), results["mta_versus"]
         unseen = f"{main}_unseen" if any(f"{main}_unseen" in x for x in m.values()) else None
         lines += [f"### Full profile, query only (LaMP's protocol): {results['n_eval_answers']} answers", "",
                   f"| method | {main} [95% CI] | mta − it |{f' {unseen} |' if unseen else ''} train s/user | infer s/user | "
@@ -580,13 +585,14 @@ def results_markdown(results: dict) -> str:
         size = next(iter(fr.values()))["history_size"]
         lines += _curve_tables(f"### Bank size: banks from nested shares of the bank users, {'n = ' + str(size) if size else 'full profile'}",
                                fr, lambda f, b: f"{b['n_bank_users']} bank users", main)
-    cost = results["methods"] if "methods" in results else next(iter(results["history_sizes"].values()))["methods"]
+    cost = _ordered(results["methods"] if "methods" in results else next(iter(results["history_sizes"].values()))["methods"])
     even = results["break_even_users"]
     lines += ["### Storage: marginal bytes per user, the shared bank, break-even against the per-user LoRA", "",
               "| method | bytes/user | bank bytes | total below the per-user LoRA's from |", "|---|---|---|---|"]
     for n, x in cost.items():
         shared = results["bank_bytes"] if METHODS[n].needs_bank else 0
-        from_ = ("—" if n == "per-user-lora" else "never" if even.get(n) is None else f"{even[n]:,} users") if even else "—"
+        from_ = ("—" if n == "per-user-lora" else "never" if even.get(n) is None
+                 else f"{even[n]:,} user{'s' if even[n] > 1 else ''}") if even else "—"
         lines.append(f"| {n} | {x['bytes_per_user']:,.0f} | {shared:,} | {from_} |")
     s = results["seconds"]
     lines += ["", "### Where the time went", "", "| condition | " + " | ".join(cost) + " | total |", "|---|" + "---|" * (len(cost) + 1)]
@@ -615,18 +621,18 @@ def plot_results(results: dict, path: Path) -> None:
     fig = Figure(figsize=(6 * (len(panels) + 1), 4.5), layout="constrained")
     FigureCanvasAgg(fig)
     axes = list(fig.subplots(1, len(panels) + 1))
-    cost = results["methods"] if "methods" in results else next(iter(results["history_sizes"].values()))["methods"]
+    cost = _ordered(results["methods"] if "methods" in results else next(iter(results["history_sizes"].values()))["methods"])
     names = list(cost)
     ax = axes.pop()
     train = [cost[n]["train_seconds_per_user"] for n in names]
     ax.bar(names, train, label="train", color="tab:orange")
     ax.bar(names, [cost[n]["infer_seconds_per_user"] for n in names], bottom=train, label="inference", color="tab:gray")
-    ax.set_title("seconds per user")
+    ax.set_title("seconds per user" + ("" if "methods" in results else f", n = {next(iter(results['history_sizes']))}"))
     ax.tick_params(axis="x", labelrotation=30)
     ax.legend()
     if "methods" in results:
         ax = axes.pop(0)
-        m = results["methods"]
+        m = _ordered(results["methods"])
         values = [m[n][main] for n in names]
         err = [[v - m[n][f"{main}_ci95"][0] for n, v in zip(names, values)], [m[n][f"{main}_ci95"][1] - v for n, v in zip(names, values)]]
         ax.bar_label(ax.bar(names, values, yerr=err, capsize=3, color="tab:blue"), fmt="%.3f", padding=3)
@@ -637,7 +643,7 @@ def plot_results(results: dict, path: Path) -> None:
             continue
         ax, blocks = axes.pop(0), results[key]
         xs = [int(k) for k in blocks] if key == "history_sizes" else [b["n_bank_users"] for b in blocks.values()]
-        for n in next(iter(blocks.values()))["methods"]:
+        for n in _ordered(next(iter(blocks.values()))["methods"]):
             ys = [b["methods"][n][main] for b in blocks.values()]
             lo = [b["methods"][n][f"{main}_ci95"][0] for b in blocks.values()]
             hi = [b["methods"][n][f"{main}_ci95"][1] for b in blocks.values()]
