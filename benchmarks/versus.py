@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mta.bench import user_interval, verdict, versus
+from mta.bench import per_answer, user_interval, verdict, versus
 from mta.data.lamp import load_users
 from mta.io import MTAError, atomic_write_json, read_json
 from mta.tasks import get_task
@@ -48,7 +48,7 @@ def compare(ours: Path, method: str, theirs: Path, names: list[str]) -> dict:
 
 def _block(task, method: str, names: list[str], answers: dict[str, list]) -> dict:
     golds, users, mine = answers["golds"], answers["users"], answers[method]
-    per = [task.evaluate([o], [g])[task.main_metric] for o, g in zip(mine, golds)]
+    per = per_answer(task, mine, golds)
     vs = {m: versus(task, mine, answers[f"theirs:{m}"], golds, users) for m in names}
     return {"n_answers": len(golds), method: list(user_interval(per, users)),
             "versus": {m: [v["diff"], *v["ci95"]] for m, v in vs.items()}}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mta import bench
-from mta.bench import METHODS, Run, split_users, versus
+from mta.bench import METHODS, Run, results_markdown, split_users, versus
 from mta.cli import main
 from mta.config import BenchConfig, FusionConfig
 from mta.data.lamp import Query, User, load_users
@@ -233,6 +233,14 @@ def test_history_sizes_and_bank_fractions_schema(curves):
     md = (curves / "results.md").read_text()
     assert "n = 2 (15 answers)" in md and "4 bank users" in md and "Where the time went" in md
     assert (curves / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_read_back_from_results_json_keeps_its_order(curves):
+    r = json.loads((curves / "results.json").read_text())  # written with sorted keys
+    assert results_markdown(r) == (curves / "results.md").read_text()  # methods in METHODS' order, as in the run
+    r["history_sizes"]["10"] = r["history_sizes"].pop("4")  # as a string "10" sorts before "2"
+    md = results_markdown(json.loads(json.dumps(r, sort_keys=True)))
+    assert md.index("n = 2 (") < md.index("n = 10 (")
 
 
 def test_every_method_answers_the_same_items_from_the_same_profile(curves):

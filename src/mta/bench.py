@@ -535,7 +535,25 @@ def _vs(v: list[float] | None, main: str) -> str:
 
 def _ordered(methods: dict) -> dict:
     """`methods` in METHODS' order, whatever order results.json (written with sorted keys) holds them in."""
-    return {n: methods[n] for n in sorted(methods, key=lambda n: list(METHODS).index(n) if n in METHODS else len(METHODS))}
+    return {n: methods[n] for n in METHODS if n in methods}
+
+
+def _by_point(blocks: dict[str, dict]) -> dict[str, dict]:
+    """A curve's points in numeric order: results.json sorts its keys as strings ("10" before "2")."""
+    return dict(sorted(blocks.items(), key=lambda kv: float(kv[0])))
+
+
+def _condition_order(key: str) -> tuple:
+    """The order a run asks its conditions in: the full profile, the history sizes, the bank fractions."""
+    return (0, 0.0) if key == "full" else (1 if key[0] == "h" else 2, float(key[1:]))
+
+
+def _cost(results: dict) -> tuple[dict, str | None]:
+    """The methods whose cost is reported: the full profile's, else the smallest history size's (and that size)."""
+    if "methods" in results:
+        return _ordered(results["methods"]), None
+    n = min(results["history_sizes"], key=int)
+    return _ordered(results["history_sizes"][n]["methods"]), n
 
 
 def _curve_tables(title: str, blocks: dict[str, dict], label, main: str) -> list[str]:
@@ -579,13 +597,13 @@ def results_markdown(results: dict) -> str:
         lines.append("")
     if "history_sizes" in results:
         lines += _curve_tables("### History sizes: personalized from n profile items, scored on the query and every other item",
-                               results["history_sizes"], lambda n, b: f"n = {n} ({b['n_answers']} answers)", main)
+                               _by_point(results["history_sizes"]), lambda n, b: f"n = {n} ({b['n_answers']} answers)", main)
     if "bank_fractions" in results:
-        fr = results["bank_fractions"]
+        fr = _by_point(results["bank_fractions"])
         size = next(iter(fr.values()))["history_size"]
         lines += _curve_tables(f"### Bank size: banks from nested shares of the bank users, {'n = ' + str(size) if size else 'full profile'}",
                                fr, lambda f, b: f"{b['n_bank_users']} bank users", main)
-    cost = _ordered(results["methods"] if "methods" in results else next(iter(results["history_sizes"].values()))["methods"])
+    cost, _ = _cost(results)
     even = results["break_even_users"]
     lines += ["### Storage: marginal bytes per user, the shared bank, break-even against the per-user LoRA", "",
               "| method | bytes/user | bank bytes | total below the per-user LoRA's from |", "|---|---|---|---|"]
@@ -596,7 +614,7 @@ def results_markdown(results: dict) -> str:
         lines.append(f"| {n} | {x['bytes_per_user']:,.0f} | {shared:,} | {from_} |")
     s = results["seconds"]
     lines += ["", "### Where the time went", "", "| condition | " + " | ".join(cost) + " | total |", "|---|" + "---|" * (len(cost) + 1)]
-    for key, per in s["conditions"].items():
+    for key, per in sorted(s["conditions"].items(), key=lambda kv: _condition_order(kv[0])):
         cells = [f"{per[n]['train'] + per[n]['infer']:.0f}" if n in per else "" for n in cost]
         lines.append(f"| {key} | " + " | ".join(cells) + f" | {sum(x['train'] + x['infer'] for x in per.values()):.0f} |")
     banks = ([f"bank build {s['bank_build']:.0f} s"] if s["bank_build"] else ["bank reused"]) + \
@@ -621,13 +639,13 @@ def plot_results(results: dict, path: Path) -> None:
     fig = Figure(figsize=(6 * (len(panels) + 1), 4.5), layout="constrained")
     FigureCanvasAgg(fig)
     axes = list(fig.subplots(1, len(panels) + 1))
-    cost = _ordered(results["methods"] if "methods" in results else next(iter(results["history_sizes"].values()))["methods"])
+    cost, size = _cost(results)
     names = list(cost)
     ax = axes.pop()
     train = [cost[n]["train_seconds_per_user"] for n in names]
     ax.bar(names, train, label="train", color="tab:orange")
     ax.bar(names, [cost[n]["infer_seconds_per_user"] for n in names], bottom=train, label="inference", color="tab:gray")
-    ax.set_title("seconds per user" + ("" if "methods" in results else f", n = {next(iter(results['history_sizes']))}"))
+    ax.set_title("seconds per user" + (f", n = {size}" if size else ""))
     ax.tick_params(axis="x", labelrotation=30)
     ax.legend()
     if "methods" in results:
@@ -641,7 +659,7 @@ def plot_results(results: dict, path: Path) -> None:
     for key, xlabel in (("history_sizes", "history size n (profile items personalized from)"), ("bank_fractions", "bank users")):
         if key not in results:
             continue
-        ax, blocks = axes.pop(0), results[key]
+        ax, blocks = axes.pop(0), _by_point(results[key])
         xs = [int(k) for k in blocks] if key == "history_sizes" else [b["n_bank_users"] for b in blocks.values()]
         for n in _ordered(next(iter(blocks.values()))["methods"]):
             ys = [b["methods"][n][main] for b in blocks.values()]
