@@ -129,6 +129,9 @@ def test_resume_with_every_anchor_done_only_writes_the_manifest(bank_copy, tiny_
     model, tok = load_base(str(tiny_model_dir), device="cpu")
     bank = build_bank(users, bank_copy, bank_config, model, tok, NoEmbedder(), progress=False)
     assert calls == [] and len(bank) == 3 and (bank_copy / "manifest.json").is_file()
+    # the build's cost is what the anchors recorded when they trained, not this resume's few milliseconds
+    recorded = [json.loads((bank_copy / "anchors" / a / "mta_anchor.json").read_text())["train_seconds"] for a in bank.anchor_ids]
+    assert bank.train_seconds == sum(recorded) > 0
 
 
 @pytest.mark.parametrize("change", [

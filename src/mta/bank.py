@@ -183,6 +183,12 @@ class Bank:
             self._cache[anchor_id] = LoraWeights.from_peft_dir(folder)
         return self._cache[anchor_id]
 
+    @property
+    def train_seconds(self) -> float:
+        """The anchors' training time as each recorded it: the bank's build cost, the same whether it was built in one
+        go, resumed or reused (a resumed run's wall clock would count only its own part)."""
+        return sum(a.get("train_seconds", 0.0) for a in self.manifest["anchors"])
+
     def serving_bytes(self) -> int:
         """What serving reads: the manifest, the anchor embeddings and each anchor's adapter (config and weights)."""
         files = [self.path / "manifest.json", self.path / "anchors.safetensors"]
