@@ -450,7 +450,7 @@ def run_bench(cfg: BenchConfig, bank_users: list[User], eval_users: list[User], 
         write_users(c.folder / "eval_users.json", c.users)  # as asked: `mta eval --data` scores its predictions
     smallest = next(iter(sized), None)  # the bank-size curve asks the sparsest users, where a bank should help most
     base_cond = next(c for c in conditions if c.key == (f"h{smallest}" if smallest else "full"))
-    fraction_seconds: dict[str, float | None] = {}
+    fraction_seconds: dict[str, float] = {}
     for f, subset in bank_subsets(bank_users, fractions, cfg.history_seed).items():
         if f == 1:
             continue
