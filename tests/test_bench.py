@@ -1,5 +1,6 @@
 """`mta bench` end to end on the tiny model: 9 bank users, 3 eval users, all seven methods."""
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -300,13 +301,17 @@ def test_a_rerun_with_another_mta_setting_reanswers_mta_alone(curves, tmp_path, 
     assert now["base"] == saved["base"] and now["merge-only"] == saved["merge-only"] and now["mta"] != saved["mta"]
 
 
-def test_versus_script_pairs_another_runs_answers(curves):
-    """benchmarks/versus.py on a run against itself reproduces the run's own paired comparisons."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("versus_script", Path(__file__).parent.parent / "benchmarks" / "versus.py")
+def _script(name: str):
+    """A script of benchmarks/ as a module."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent.parent / "benchmarks" / f"{name}.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_versus_script_pairs_another_runs_answers(curves):
+    """benchmarks/versus.py on a run against itself reproduces the run's own paired comparisons."""
+    script = _script("versus")
     r = json.loads((curves / "results.json").read_text())
     out = script.compare(curves, "mta", curves, ["merge-only", "base"])
     assert set(out["sizes"]) == {"2", "4"}
@@ -323,15 +328,38 @@ def test_versus_script_pairs_another_runs_answers(curves):
 
 def test_bf16_script_counts_changed_answers_against_an_exact_control(curves):
     """benchmarks/bf16_answers.py: reloading a user's fp32 stacked LoRA answers exactly as the run did."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bf16_script", Path(__file__).parent.parent / "benchmarks" / "bf16_answers.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script("bf16_answers")
     out = script.measure(curves, "mta")
     for n, s in out["sizes"].items():
         assert s["control_changed"] == 0 and 0 <= s["changed"] <= s["n_answers"] == 3 * (6 - int(n) + 1)
         assert s["bytes_per_user"]["bf16"] < s["bytes_per_user"]["fp32"]  # half the tensors; the header is the same
+
+
+def test_combine_script_joins_a_run_split_across_two_folders(curves):
+    """A run's conditions written by two invocations (full, n = 2 and the bank-size curve in one; n = 4 in the other)
+    combine into the run's own report; parts that are not one experiment, or ask a condition twice, are refused."""
+    combine = _script("combine_curves").combine
+    r = json.loads((curves / "results.json").read_text())
+    a, b = json.loads(json.dumps(r)), json.loads(json.dumps(r))
+    del a["history_sizes"]["4"], a["seconds"]["conditions"]["h4"]
+    a["config"]["bench"]["history_sizes"] = [2]
+    for k in ("methods", "mta_versus", "n_eval_answers", "n_eval_answers_in_bank", "bank_fractions"):
+        del b[k]
+    b["history_sizes"] = {"4": r["history_sizes"]["4"]}
+    b["seconds"].update(conditions={"h4": r["seconds"]["conditions"]["h4"]}, fraction_banks={}, total=1.0)
+    b["config"]["bench"].update(history_sizes=[4], bank_fractions=[], full_profile=False)
+    both = combine([b, a])
+    for k in ("methods", "mta_versus", "history_sizes", "bank_fractions", "break_even_users"):
+        assert both[k] == r[k]
+    assert both["seconds"]["conditions"] == r["seconds"]["conditions"]
+    assert both["seconds"]["total"] == r["seconds"]["total"] + 1.0
+    assert both["config"]["bench"] == r["config"]["bench"] and len(both["config"]["parts"]) == 2
+    assert results_markdown(both).split("Seconds of training")[0] == results_markdown(r).split("Seconds of training")[0]
+    with pytest.raises(MTAError, match="h2 ran in more than one"):
+        combine([a, r])
+    b["config"]["bench"]["stack"]["rank"] += 1
+    with pytest.raises(MTAError, match="not one experiment"):
+        combine([a, b])
 
 
 def test_verdict_reads_the_interval():

@@ -408,6 +408,14 @@ def break_even_users(bank_bytes: int, bytes_per_user: float, reference: float) -
     return int(bank_bytes // (reference - bytes_per_user)) + 1
 
 
+def break_even_table(cost: dict, bank_bytes: int) -> dict[str, int | None]:
+    """`break_even_users` of every method in a cost block but the per-user LoRA, the bank counted for those that fuse
+    from it; empty when the block has no per-user LoRA to compare with."""
+    reference = cost.get("per-user-lora", {}).get("bytes_per_user")
+    return {name: break_even_users(bank_bytes if METHODS[name].needs_bank else 0, m["bytes_per_user"], reference)
+            for name, m in cost.items() if name != "per-user-lora"} if reference else {}
+
+
 def run_bench(cfg: BenchConfig, bank_users: list[User], eval_users: list[User], out: str | Path,
               reuse_bank: str | Path | None = None, split: dict | None = None, device: str | None = None,
               dtype: str = "auto", progress: bool = True) -> dict:
@@ -484,14 +492,11 @@ def run_bench(cfg: BenchConfig, bank_users: list[User], eval_users: list[User], 
             results["bank_fractions"][f"{f:g}"] = {
                 "n_bank_users": len(bank_users) if f == 1 else len(next(c for c in conditions if c.key == f"f{f:g}").bank_users),
                 "history_size": smallest, "methods": s["methods"], "versus": {m: [v["diff"], *v["ci95"]] for m, v in s["versus"].items()}}
-    cost_block = scored[conditions[0].key]["methods"]
     bank_bytes = bank.serving_bytes() if bank else 0
-    reference = cost_block.get("per-user-lora", {}).get("bytes_per_user")
     results.update({
         "bank_bytes": bank_bytes,
         "bank_build_seconds": bank_seconds,
-        "break_even_users": {name: break_even_users(bank_bytes if METHODS[name].needs_bank else 0, m["bytes_per_user"], reference)
-                             for name, m in cost_block.items() if name != "per-user-lora"} if reference else {},
+        "break_even_users": break_even_table(scored[conditions[0].key]["methods"], bank_bytes),
         "fusion_ms_per_user": _fusion_ms(bank, run, eval_users, cfg.fusion if "mta" in cfg.methods else cfg.merge_only
                                          if "merge-only" in cfg.methods else FusionConfig(merge="recipe")) if bank else None,
         "seconds": {"total": time.perf_counter() - wall, "bank_build": bank_seconds, "fraction_banks": fraction_seconds,
@@ -546,7 +551,7 @@ def _condition_order(key: str) -> tuple:
     return (0, 0.0) if key == "full" else (1 if key[0] == "h" else 2, float(key[1:]))
 
 
-def _cost(results: dict) -> tuple[dict, str | None]:
+def cost_of(results: dict) -> tuple[dict, str | None]:
     """The methods whose cost is reported: the full profile's, else the smallest history size's (and that size)."""
     if "methods" in results:
         return _ordered(results["methods"]), None
@@ -601,7 +606,7 @@ def results_markdown(results: dict) -> str:
         size = next(iter(fr.values()))["history_size"]
         lines += _curve_tables(f"### Bank size: banks from nested shares of the bank users, {'n = ' + str(size) if size else 'full profile'}",
                                fr, lambda f, b: f"{b['n_bank_users']} bank users", main)
-    cost, _ = _cost(results)
+    cost, _ = cost_of(results)
     even = results["break_even_users"]
     lines += ["### Storage: marginal bytes per user, the shared bank, break-even against the per-user LoRA", "",
               "| method | bytes/user | bank bytes | total below the per-user LoRA's from |", "|---|---|---|---|"]
@@ -617,7 +622,7 @@ def results_markdown(results: dict) -> str:
         lines.append(f"| {key} | " + " | ".join(cells) + f" | {sum(x['train'] + x['infer'] for x in per.values()):.0f} |")
     spent = ([f"bank training {s['bank_build']:.0f} s (its anchors' recorded time, reused or resumed alike)"]
              if s["bank_build"] is not None else [])
-    spent += [f"bank of fraction {f}: {t:.0f} s" for f, t in s["fraction_banks"].items()] + [f"this invocation: {s['total']:.0f} s"]
+    spent += [f"bank of fraction {f}: {t:.0f} s" for f, t in s["fraction_banks"].items()] + [f"{'these runs' if results['config'].get('parts') else 'this invocation'}: {s['total']:.0f} s"]
     lines += ["", "Seconds of training + inference per method (a method's answers read back from an interrupted run keep "
               f"the seconds they took then). {'; '.join(spent)}."]
     if results["fusion_ms_per_user"] is not None:
@@ -638,7 +643,7 @@ def plot_results(results: dict, path: Path) -> None:
     fig = Figure(figsize=(6 * (len(panels) + 1), 4.5), layout="constrained")
     FigureCanvasAgg(fig)
     axes = list(fig.subplots(1, len(panels) + 1))
-    cost, size = _cost(results)
+    cost, size = cost_of(results)
     names = list(cost)
     ax = axes.pop()
     train = [cost[n]["train_seconds_per_user"] for n in names]
