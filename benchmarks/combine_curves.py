@@ -70,10 +70,11 @@ def main() -> None:
         results = combine([read_json(run / "results.json", "results") for run in a.runs])
     except MTAError as e:
         p.exit(2, f"error: {e}\n")
+    report = results_markdown(results)
     atomic_write_json(a.out / "results.json", results)
-    atomic_write_bytes(a.out / "results.md", results_markdown(results).encode())
+    atomic_write_bytes(a.out / "results.md", report.encode())
     plot_results(results, a.out / "results.png")
-    print(results_markdown(results))
+    print(report)
 
 
 if __name__ == "__main__":
