@@ -2,7 +2,8 @@
 
 `mta bench` compares its methods within a run. A variant of MTA run on its own (another `--fusion-adapt`, another
 k, on the same eval users and the same reused bank) is compared here against the first run's methods, answer by
-answer, with the same paired bootstrap over users, per history size.
+answer, with the same paired bootstrap over users, per history size. The other run may be a published results
+folder (`benchmarks/results/...`, LaMP predictions only): its answers are then matched by question id.
 
 Usage: python benchmarks/versus.py --ours RUN[:METHOD] --theirs RUN --methods merge-only stack-only [--out FILE]
 """
@@ -14,7 +15,7 @@ import json
 from pathlib import Path
 
 from mta.bench import per_answer, user_interval, verdict, versus
-from mta.data.lamp import load_users
+from mta.data.lamp import load_users, read_predictions
 from mta.io import MTAError, atomic_write_json, read_json
 from mta.tasks import get_task
 
@@ -28,12 +29,16 @@ def compare(ours: Path, method: str, theirs: Path, names: list[str]) -> dict:
     pooled: dict[str, list] = {"golds": [], "users": [], method: [], **{f"theirs:{m}": [] for m in names}}
     for n in sorted(r.get("history_sizes", {}), key=int):
         asked = load_users(ours / f"h{n}" / "eval_users.json", task)
-        if asked != load_users(theirs / f"h{n}" / "eval_users.json", task):
+        if (theirs / f"h{n}" / "eval_users.json").exists() and asked != load_users(theirs / f"h{n}" / "eval_users.json", task):
             raise MTAError(f"{ours} and {theirs} did not ask the same users the same questions at n = {n}")
         queries = [q for u in asked for q in u.queries]
 
         def outputs(run: Path, name: str) -> list[str]:
-            saved = read_json(run / f"h{n}" / "answers" / f"{name}.json", "saved answers")["outputs"]
+            answers = run / f"h{n}" / "answers" / f"{name}.json"
+            saved = read_json(answers, "saved answers")["outputs"] if answers.exists() else \
+                read_predictions(run / f"h{n}" / "predictions" / f"{name}.json", task.id)
+            if missing := [q.id for q in queries if q.id not in saved]:
+                raise MTAError(f"{run} has no answer to {len(missing)} of the questions asked at n = {n} (first: {missing[0]})")
             return [saved[q.id] for q in queries]
 
         pooled["golds"] += [q.gold for q in queries]
@@ -62,7 +67,10 @@ def main() -> None:
     p.add_argument("--out")
     a = p.parse_args()
     run, _, method = a.ours.partition(":")
-    result = compare(Path(run), method or "mta", Path(a.theirs), a.methods)
+    try:
+        result = compare(Path(run), method or "mta", Path(a.theirs), a.methods)
+    except MTAError as e:
+        raise SystemExit(f"error: {e}") from None
     main_metric = result["main_metric"]
     for n, s in [*result["sizes"].items(), ("all", result["all"])]:
         mean, lo, hi = s[method or "mta"]

@@ -326,6 +326,20 @@ def test_versus_script_pairs_another_runs_answers(curves):
         sum(s["versus"]["base"][0] * s["n_answers"] for s in sizes) / out["all"]["n_answers"])
 
 
+def test_versus_script_reads_a_published_results_folder(curves, tmp_path):
+    """Against a folder of LaMP predictions only (as benchmarks/results keeps them): the same comparison; a
+    question it did not answer is a clear error."""
+    script = _script("versus")
+    for n in ("2", "4"):
+        shutil.copytree(curves / f"h{n}" / "predictions", tmp_path / f"h{n}" / "predictions")
+    assert script.compare(curves, "mta", tmp_path, ["base"]) == script.compare(curves, "mta", curves, ["base"]) | {"theirs": str(tmp_path)}
+    preds = tmp_path / "h4" / "predictions" / "base.json"
+    p = json.loads(preds.read_text())
+    preds.write_text(json.dumps({**p, "golds": p["golds"][1:]}))
+    with pytest.raises(MTAError, match="no answer to 1 of the questions asked at n = 4"):
+        script.compare(curves, "mta", tmp_path, ["base"])
+
+
 def test_bf16_script_counts_changed_answers_against_an_exact_control(curves):
     """benchmarks/bf16_answers.py: reloading a user's fp32 stacked LoRA answers exactly as the run did."""
     script = _script("bf16_answers")
