@@ -29,7 +29,8 @@ def compare(ours: Path, method: str, theirs: Path, names: list[str]) -> dict:
     pooled: dict[str, list] = {"golds": [], "users": [], method: [], **{f"theirs:{m}": [] for m in names}}
     for n in sorted(r.get("history_sizes", {}), key=int):
         asked = load_users(ours / f"h{n}" / "eval_users.json", task)
-        if (theirs / f"h{n}" / "eval_users.json").exists() and asked != load_users(theirs / f"h{n}" / "eval_users.json", task):
+        theirs_asked = theirs / f"h{n}" / "eval_users.json"  # a published results folder keeps none: ids are matched below
+        if theirs_asked.exists() and asked != load_users(theirs_asked, task):
             raise MTAError(f"{ours} and {theirs} did not ask the same users the same questions at n = {n}")
         queries = [q for u in asked for q in u.queries]
 
@@ -70,7 +71,7 @@ def main() -> None:
     try:
         result = compare(Path(run), method or "mta", Path(a.theirs), a.methods)
     except MTAError as e:
-        raise SystemExit(f"error: {e}") from None
+        p.exit(2, f"error: {e}\n")
     main_metric = result["main_metric"]
     for n, s in [*result["sizes"].items(), ("all", result["all"])]:
         mean, lo, hi = s[method or "mta"]
