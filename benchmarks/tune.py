@@ -251,10 +251,12 @@ STAGES: dict[str, tuple[str | tuple[str, ...], list[tuple[str, Override]]]] = {
     "hs-parts": (("merge-only", "stack-only"), [("as-tuned", lambda c: c)]),
     # Per-user fusion (mta.fusion_weights): the planned weights as they are (today's, first), k and strength picked by
     # the user's own leave-one-out loss, or the weights learned with the stack (per anchor; per anchor and layer)
-    "hs-fusion": ("mta", [("fixed-k1", lambda c: c), ("fixed-k2", _adapt("fixed", 2)), ("fixed-k4", _adapt("fixed", 4)),
-                          ("pick-k1", _adapt("pick", 1)), ("pick-any", _adapt("pick", 1, pick_k=[1, 2, 4])),
-                          ("learn-k1", _adapt("learn", 1)), ("learn-k2", _adapt("learn", 2)),
-                          ("layer-k2", _adapt("learn-layer", 2)), ("learn-k2-lr0.2", _adapt("learn", 2, learn_lr=0.2))]),
+    # (each at k = 1, 2, 4; the strength picked at k, or k and strength together: pick-any)
+    "hs-fusion": ("mta", [("fixed-k1", lambda c: c), *[(f"{name}-k{k}", _adapt(adapt, k))
+                                                        for name, adapt in [("fixed", "fixed"), ("pick", "pick"),
+                                                                            ("learn", "learn"), ("layer", "learn-layer")]
+                                                        for k in (1, 2, 4) if (name, k) != ("fixed", 1)],
+                          ("pick-any", _adapt("pick", 1, pick_k=[1, 2, 4])), ("learn-k2-lr0.2", _adapt("learn", 2, learn_lr=0.2))]),
 }
 
 

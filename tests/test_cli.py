@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mta.bank import Bank
-from mta.cli import _quiet_hf, build_parser, main
+from mta import presets
+from mta.cli import _quiet_hf, build_parser, main, serve_spec
 from mta.config import AnchorConfig, BankConfig, FusionConfig, LoraSpec, ServeConfig, TrainConfig
 from mta.io import MTAError
 from mta.generation import generate
@@ -227,6 +228,16 @@ def test_personalize_k_larger_than_the_bank(capsys, pipeline, tmp_path, movie_da
     _fails(capsys, _personalize(root / "bank", movie_data, "1", tmp_path / "u", "--k", "4"),
            "k=4 is out of range: the bank has 3 anchor(s)")
     assert not (tmp_path / "u").exists()
+
+
+def test_a_tuned_k_above_the_banks_size_fuses_all_its_anchors(monkeypatch, pipeline, tmp_path, movie_data):
+    """LaMP-4's tuned k = 4 on a smaller bank: personalize and serve fuse every anchor it has, as they would any k."""
+    monkeypatch.setitem(presets.TASK_PRESETS, "LaMP-2", {"fusion": {"k": 4}})
+    root, _ = pipeline
+    rc, _, err = _run(*_personalize(root / "bank", movie_data, "1", tmp_path / "u", "--stack-top-layers", "1"))
+    assert rc == 0, err
+    assert len(json.loads((tmp_path / "u" / "user.json").read_text())["fusion"]["anchor_ids"]) == 3
+    assert serve_spec(build_parser().parse_args(["serve", "--bank", str(root / "bank"), "--store", "s"])).cfg.fusion.k == 3
 
 
 def test_personalize_with_weights_that_are_not_finite(capsys, pipeline, tmp_path, movie_data):

@@ -88,8 +88,19 @@ def test_fusion_preset_is_mtas_merge_only_keeps_its_own(monkeypatch):
     cfg = cli._bench_config(parse(["bench", "--task", "LaMP-4", "--out", "o", "--fusion-scale", "0.8", "--k", "2"]), "LaMP-4")
     assert cfg.fusion == cfg.merge_only == FusionConfig(k=2, scale=0.8)  # flags reach both
     personalize = ["personalize", "--bank", "b", "--user-data", __file__, "--out", "o"]
-    assert cli._fusion_config(parse(personalize), "LaMP-4").scale == 0.5
-    assert cli._fusion_config(parse(personalize + ["--no-stack"]), "LaMP-4", "merge_only") == FusionConfig()
+    assert cli._fusion_config(parse(personalize), "LaMP-4", 8).scale == 0.5
+    assert cli._fusion_config(parse(personalize + ["--no-stack"]), "LaMP-4", 8, "merge_only") == FusionConfig()
+
+
+def test_a_tuned_k_fuses_at_most_the_banks_anchors_a_given_one_is_exact(monkeypatch):
+    monkeypatch.setattr(presets, "TASK_PRESETS", {"LaMP-4": {"fusion": {"k": 4}}})
+    parse = cli.build_parser().parse_args
+    personalize = ["personalize", "--bank", "b", "--user-data", __file__, "--out", "o"]
+    assert [cli._fusion_config(parse(personalize), "LaMP-4", n).k for n in (2, 4, 8)] == [2, 4, 4]
+    assert cli._fusion_config(parse(personalize + ["--k", "3"]), "LaMP-4", 2).k == 3  # plan_fusion refuses it, plainly
+    bench = ["bench", "--task", "LaMP-4", "--out", "o"]
+    assert cli._bench_config(parse(bench + ["--num-clusters", "2"]), "LaMP-4").fusion.k == 2
+    assert cli._bench_config(parse(bench), "LaMP-4").fusion.k == 4
 
 
 def test_bank_build_flags_over_the_preset(lamp4_preset):

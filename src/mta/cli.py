@@ -156,12 +156,16 @@ def _fusion_args(p: argparse.ArgumentParser, svd: bool = False) -> None:
         p.add_argument("--svd-rank", type=COUNT, default=None)
 
 
-def _fusion_config(a, task_id: str, field: str = "fusion", per_user: bool = True):
+def _fusion_config(a, task_id: str, anchors: int, field: str = "fusion", per_user: bool = True):
     """`field`: "merge_only" for fusion without stacking, whose tuned settings may differ from MTA's. `per_user=False`
-    leaves the per-user fusion flags out (bench's merge-only: the planned fusion, MTA's first part)."""
+    leaves the per-user fusion flags out (bench's merge-only: the planned fusion, MTA's first part). `anchors`: the
+    bank's size; the task's tuned k fuses at most that many (LaMP-4's 4 on a bank of 2: both), a given --k stays exact."""
+    from dataclasses import replace
+
     adaptive = dict(adapt=a.fusion_adapt, pick_k=a.pick_k, pick_scale=a.pick_scale, learn_lr=a.learn_lr) if per_user else {}
-    return _given(preset(FusionConfig(), task_id, field), k=a.k, weighting=a.weighting, temperature=a.temperature,
-                  merge=a.merge, rank=getattr(a, "svd_rank", None), scale=a.fusion_scale, **adaptive)
+    cfg = _given(preset(FusionConfig(), task_id, field), k=a.k, weighting=a.weighting, temperature=a.temperature,
+                 merge=a.merge, rank=getattr(a, "svd_rank", None), scale=a.fusion_scale, **adaptive)
+    return cfg if a.k is not None else replace(cfg, k=min(cfg.k, anchors))
 
 
 def _decoding_args(p: argparse.ArgumentParser) -> None:
@@ -255,7 +259,7 @@ def cmd_personalize(a) -> None:
     for _, folder in jobs:  # before any training: nothing mta did not write is ever replaced
         check_replaceable(folder, USER_FILE, "user folder", a.overwrite)
     stack = None if a.no_stack else _stack_config(a, bank.task.id)
-    fusion = _fusion_config(a, bank.task.id, "merge_only" if a.no_stack else "fusion")
+    fusion = _fusion_config(a, bank.task.id, len(bank), "merge_only" if a.no_stack else "fusion")
     results = run_personalize(a.bank, jobs, PersonalizeConfig(fusion, stack, a.retrieve, a.adapter_dtype), a.executor, a.ray_address,
                               a.device, a.dtype)
     for (user, folder), (record, size) in zip(jobs, results):
@@ -330,15 +334,19 @@ def cmd_demo(a) -> None:
 
 
 def _bench_config(a, task_id: str):
+    from mta.bank import Bank
+
     d = preset(BenchConfig(task_id), task_id)
     mp = a.mixed_precision
+    anchors = _given(d.anchors, num_clusters=a.num_clusters, mode=a.anchor_mode)
+    size = len(Bank.load(a.reuse_bank)) if a.reuse_bank else anchors.num_clusters  # a bank's anchors: one per cluster
     return _given(d, base_model=a.model, embedding_model=a.embedder, methods=a.methods, limit_users=a.limit_users,
                   history_sizes=a.history_sizes, bank_fractions=a.bank_fractions, full_profile=False if a.no_full_profile else None,
                   bank_without_shared=a.bank_without_shared or None, decoding=_decoding(a, task_id),
-                  anchors=_given(d.anchors, num_clusters=a.num_clusters, mode=a.anchor_mode),
+                  anchors=anchors,
                   bank_train=_given(d.bank_train, epochs=a.bank_epochs, learning_rate=a.bank_lr, mixed_precision=mp),
                   user_lora_train=_given(d.user_lora_train, epochs=a.lora_epochs, learning_rate=a.lora_lr, mixed_precision=mp),
-                  fusion=_fusion_config(a, task_id), merge_only=_fusion_config(a, task_id, "merge_only", per_user=False),
+                  fusion=_fusion_config(a, task_id, size), merge_only=_fusion_config(a, task_id, size, "merge_only", per_user=False),
                   stack=_bench_stack(a, "stack", d.stack), stack_only=_bench_stack(a, "stack_only", d.stack_only),
                   recipe_stack=_bench_stack(a, "recipe_stack", d.recipe_stack))
 
@@ -358,8 +366,9 @@ def serve_spec(a):
     from mta.bank import Bank
     from mta.serve.app import ServerSpec
 
-    task_id = Bank.load(a.bank).task.id
-    cfg = ServeConfig(fusion=_fusion_config(a, task_id), stack=_stack_config(a, task_id), decoding=_decoding(a, task_id),
+    bank = Bank.load(a.bank)
+    task_id = bank.task.id
+    cfg = ServeConfig(fusion=_fusion_config(a, task_id, len(bank)), stack=_stack_config(a, task_id), decoding=_decoding(a, task_id),
                       max_batch=a.max_batch, max_queue=a.max_queue, max_wait_ms=a.max_wait_ms, max_new_tokens=a.max_new_tokens)
     return ServerSpec(a.bank, a.store, cfg, a.device, a.dtype, a.threads, a.adapter_dtype)
 
