@@ -349,6 +349,17 @@ def test_bf16_script_counts_changed_answers_against_an_exact_control(curves):
         assert s["bytes_per_user"]["bf16"] < s["bytes_per_user"]["fp32"]  # half the tensors; the header is the same
 
 
+def test_train_cost_script_times_the_benchs_own_adapt(run):
+    """benchmarks/train_cost.py: MTA and the per-user LoRA per user at each size, the first user untimed, their ratio
+    the ratio of the summed seconds, inside its interval; nothing left behind but the figures."""
+    out = _script("train_cost").measure("LaMP-2", str(run / "bank"), str(run / "bank_users.json"), [2, 4], limit=2)
+    assert out["fusion"]["k"] == 1 and out["user_lora_train"]["epochs"] == 3.0  # the task's tuned settings
+    for s in out["sizes"].values():
+        mta, lora = s["seconds"]["mta"], s["seconds"]["per-user-lora"]
+        assert s["users"] == len(mta) == len(lora) == 2 and min(mta + lora) > 0
+        assert s["ratio"] == pytest.approx(sum(mta) / sum(lora)) and s["ratio_interval"][0] <= s["ratio"] <= s["ratio_interval"][1]
+
+
 def test_combine_script_joins_a_run_split_across_two_folders(curves):
     """A run's conditions written by two invocations (full, n = 2 and the bank-size curve in one; n = 4 in the other)
     combine into the run's own report; parts that are not one experiment, or ask a condition twice, are refused."""

@@ -166,18 +166,24 @@ def folded(model: nn.Module, weights: LoraWeights | None):
 
 
 def attach(model: nn.Module, weights: LoraWeights, adapter_name: str) -> PeftModel:
-    """Add `weights` as a PEFT adapter named `adapter_name`; wraps a plain model on first use."""
+    """Add `weights` as a PEFT adapter named `adapter_name`; wraps a plain model on first use.
+
+    The adapter's layers are made empty (PEFT's low_cpu_mem_usage) and take copies of `weights`' tensors: nothing is
+    initialized only to be overwritten. PEFT's injection itself, ~0.3 s for every linear layer of the default model,
+    is most of what MTA spends per user outside its training steps (benchmarks/README.md, Cost and time).
+    """
     check_fits(model, weights)
     w = weights.padded(weights.rank)
     config = w.lora_config()
+    ref = next(model.parameters())
     if isinstance(model, PeftModel):
         if adapter_name in model.peft_config:
             model.delete_adapter(adapter_name)
-        model.add_adapter(adapter_name, config)
+        model.add_adapter(adapter_name, config, low_cpu_mem_usage=True)
     else:
-        model = get_peft_model(model, config, adapter_name=adapter_name)
-    ref = next(model.parameters())
-    set_peft_model_state_dict(model, w.to(ref.dtype, ref.device).peft_state_dict(), adapter_name=adapter_name)
+        model = get_peft_model(model, config, adapter_name=adapter_name, low_cpu_mem_usage=True)
+    state = {k: v.to(ref.device, ref.dtype, copy=True) for k, v in w.peft_state_dict().items()}  # owned: never a bank's
+    set_peft_model_state_dict(model, state, adapter_name=adapter_name, low_cpu_mem_usage=True)
     return model
 
 
