@@ -4,8 +4,8 @@ Times exactly what `mta bench` times, each method's adapt (personalize one user 
 tuned settings, on bank users from n of their items (`mta.bench.history_split`). Nothing is answered or scored: it
 is a cost measurement, so it may run as often as needed. As in the bench, each method personalizes every user in
 turn, the first untimed (one-time costs); the users timed are the file's `--limit` after its first. (Alternating the
-methods user by user measured MTA at 2.60 s/user on LaMP-4 at n = 2, against 1.73 in turn: the order matters.) Needs a bank of the task (a bench run's OUT/bank: a user's compute does not depend on whose clusters it
-holds).
+methods user by user measured MTA at 2.60 s/user on LaMP-4 at n = 2, against 1.73 in turn: the order matters.)
+Needs a bank of the task (a bench run's OUT/bank: a user's compute does not depend on whose clusters it holds).
 
 Usage: python benchmarks/train_cost.py --task LaMP-4 --bank runs/bench20/lamp4/bank \
            --users runs/bench20/lamp4/bank_users.json [--limit 12] [--sizes 2,4,8] [--out FILE.json]
@@ -20,10 +20,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import bootstrap
 
 from mta.bank import Bank
-from mta.bench import METHODS, Run, history_split
+from mta.bench import METHODS, Run, history_split, ratio_interval
 from mta.cli import _bench_config, build_parser
 from mta.data.lamp import load_users
 from mta.io import MTAError, atomic_write_json
@@ -32,14 +31,6 @@ from mta.stacking import base_of
 from mta.tasks import get_task
 
 TIMED = ("mta", "per-user-lora")
-
-
-def ratio_interval(ours: list[float], theirs: list[float], seed: int = 0) -> tuple[float, float, float]:
-    """Σ ours / Σ theirs over the users, with a 95 % bootstrap interval that resamples users (paired)."""
-    ours_a, theirs_a = np.asarray(ours), np.asarray(theirs)
-    ci = bootstrap((ours_a, theirs_a), lambda a, b, axis=-1: a.sum(axis) / b.sum(axis), paired=True, vectorized=True,
-                   n_resamples=2000, method="percentile", rng=np.random.default_rng(seed)).confidence_interval
-    return float(ours_a.sum() / theirs_a.sum()), float(ci.low), float(ci.high)
 
 
 def measure(task_id: str, bank_path: str, users_path: str, sizes: list[int], limit: int) -> dict:
@@ -62,7 +53,8 @@ def measure(task_id: str, bank_path: str, users_path: str, sizes: list[int], lim
                     model, _ = METHODS[m].adapt(run, model, user, Path(tmp) / m / f"{n}-{user.user_id}")
                     if i:  # the first user of each size warms up, untimed
                         seconds[m].append(time.perf_counter() - start)
-            r, lo, hi = ratio_interval(seconds["mta"], seconds["per-user-lora"])
+            r = sum(seconds["mta"]) / sum(seconds["per-user-lora"])
+            lo, hi = ratio_interval(seconds["mta"], seconds["per-user-lora"])  # resampling users
             out["sizes"][str(n)] = {"users": len(seconds["mta"]), "ratio": r, "ratio_interval": [lo, hi],
                                     **{f"{m}_seconds_per_user": float(np.mean(s)) for m, s in seconds.items()},
                                     "seconds": seconds}

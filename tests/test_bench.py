@@ -387,6 +387,14 @@ def test_combine_script_joins_a_run_split_across_two_folders(curves):
         combine([a, b])
 
 
+def test_ratio_interval_resamples_rows_and_is_a_point_when_they_are_alike():
+    lo, hi = bench.ratio_interval([1.0, 2.0, 3.0, 5.0], [4.0, 4.0, 5.0, 6.0])
+    assert lo < 11 / 19 < hi
+    assert bench.ratio_interval([2.0], [4.0]) == (0.5, 0.5) and bench.ratio_interval([1.0, 2.0], [2.0, 4.0]) == (0.5, 0.5)
+    values, users = [1.0, 0.0, 1.0, 1.0, 0.0, 0.0], ["a", "a", "b", "b", "c", "c"]  # per user: 1/2, 2/2, 0/2
+    assert bench.user_interval(values, users)[1:] == bench.ratio_interval([1.0, 2.0, 0.0], [2.0, 2.0, 2.0])
+
+
 def test_verdict_reads_the_interval():
     assert bench.verdict([0.1, 0.02, 0.2], "accuracy") == "better" and bench.verdict([0.1, -0.02, 0.2], "rouge1") == "level"
     assert bench.verdict([-0.1, -0.2, -0.01], "accuracy") == "worse"

@@ -358,9 +358,17 @@ def user_interval(values: list[float], users: list[str], resamples: int = 2000, 
     mean = float(np.mean(values))
     if len(keys) < 2 or np.ptp(sums / counts) == 0:  # nothing to resample: every user alike
         return mean, mean, mean
-    ci = bootstrap((sums, counts), lambda s, c, axis=-1: s.sum(axis) / c.sum(axis), paired=True, vectorized=True,
+    return mean, *ratio_interval(sums, counts, resamples, seed)
+
+
+def ratio_interval(num, den, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """A 95 % bootstrap interval of Σ num / Σ den that resamples rows (users), each row's num and den together."""
+    num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+    if len(num) < 2 or np.ptp(num / den) == 0:  # nothing to resample: every row alike
+        return float(num.sum() / den.sum()), float(num.sum() / den.sum())
+    ci = bootstrap((num, den), lambda s, c, axis=-1: s.sum(axis) / c.sum(axis), paired=True, vectorized=True,
                    n_resamples=resamples, method="percentile", rng=np.random.default_rng(seed)).confidence_interval
-    return mean, float(ci.low), float(ci.high)
+    return float(ci.low), float(ci.high)
 
 
 def per_answer(task: Task, outputs: list[str], golds: list[str]) -> list[float]:
