@@ -8,7 +8,7 @@ methods user by user measured MTA at 2.60 s/user on LaMP-4 at n = 2, against 1.7
 Needs a bank of the task (a bench run's OUT/bank: a user's compute does not depend on whose clusters it holds).
 
 Usage: python benchmarks/train_cost.py --task LaMP-4 --bank runs/bench20/lamp4/bank \
-           --users runs/bench20/lamp4/bank_users.json [--limit 12] [--sizes 2,4,8] [--out FILE.json]
+           --users runs/bench20/lamp4/bank_users.json [--limit 12] [--sizes 2,4,8] [--out FILE.json] [mta bench options]
 """
 
 from __future__ import annotations
@@ -33,22 +33,23 @@ from mta.tasks import get_task
 TIMED = ("mta", "per-user-lora")
 
 
-def measure(task_id: str, bank_path: str, users_path: str, sizes: list[int], limit: int) -> dict:
+def measure(task_id: str, bank_path: str, users_path: str, sizes: list[int], limit: int, bench_args: list[str]) -> dict:
     """Per size: each method's seconds per user (after one untimed user), their ratio with its interval."""
     task, bank = get_task(task_id), Bank.load(bank_path)
-    cfg = _bench_config(build_parser().parse_args(["bench", "--task", task.id, "--out", "-", "--reuse-bank", bank_path]), task.id)
+    args = ["bench", "--task", task.id, "--out", "-", "--reuse-bank", bank_path, *bench_args]
+    cfg = _bench_config(build_parser().parse_args(args), task.id)
     cfg = replace(cfg, base_model=bank.manifest["base_model"], embedding_model=bank.manifest["embedding_model"])
     model, tokenizer = load_base(cfg.base_model)
     run = Run(cfg, task, tokenizer, load_embedder(cfg.embedding_model), bank, progress=False)
     users = load_users(users_path, task)[: limit + 1]
-    out: dict = {"task": task.id, "bank": bank_path, "users": users_path, "fusion": asdict(cfg.fusion),
+    out: dict = {"task": task.id, "bank": bank_path, "users": users_path, "bench_args": bench_args, "fusion": asdict(cfg.fusion),
                  "stack": asdict(cfg.stack), "user_lora_train": asdict(cfg.user_lora_train), "sizes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
             seconds: dict[str, list[float]] = {m: [] for m in TIMED}
             for m in TIMED:
+                model = base_of(model)  # as in the bench: a method's adapter layers stay from user to user
                 for i, user in enumerate(history_split(task, users, n)):
-                    model = base_of(model)
                     start = time.perf_counter()
                     model, _ = METHODS[m].adapt(run, model, user, Path(tmp) / m / f"{n}-{user.user_id}")
                     if i:  # the first user of each size warms up, untimed
@@ -72,11 +73,11 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=12, help="the first this many users of the file are timed")
     p.add_argument("--sizes", type=lambda t: [int(x) for x in t.split(",")], default=[2, 4, 8])
     p.add_argument("--out", help="JSON file for the figures")
-    a = p.parse_args()
+    a, bench_args = p.parse_known_args()  # the rest are `mta bench` options, e.g. --fusion-adapt learn
     if a.limit < 1 or not a.sizes or min(a.sizes) < 1:
         p.exit(2, "train_cost.py: --limit and every size must be at least 1\n")
     try:
-        out = measure(a.task, a.bank, a.users, a.sizes, a.limit)
+        out = measure(a.task, a.bank, a.users, a.sizes, a.limit, bench_args)
     except MTAError as e:
         p.exit(2, f"train_cost.py: {e}\n")
     if a.out:

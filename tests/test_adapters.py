@@ -8,7 +8,7 @@ from conftest import logits, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from mta.adapters import LoraWeights, attach, check_fits, extract, folded
+from mta.adapters import LoraWeights, attach, check_fits, extract, folded, fresh_adapter
 from mta.io import MTAError
 from mta.models import load_base
 
@@ -133,6 +133,33 @@ def test_attach_replaces_an_adapter_of_the_same_name(tiny):
     back = extract(pm, "x")
     for n in w2.modules:
         torch.testing.assert_close(back.delta(n), w2.delta(n))
+
+
+def test_attach_of_the_same_shape_fills_the_layers_in_place(tiny, tiny_model_dir, input_ids):
+    """The slot that spares MTA PEFT's injection per user: the same layer objects, the new weights, bit for bit what
+    a fresh attach gives."""
+    model, _ = tiny
+    w1, w2 = _random_weights(model, 4, seed=1), _random_weights(model, 4, seed=2)
+    pm = attach(model, w1, "x")
+    layers = {n: m for n, m in pm.named_modules() if n.endswith("lora_A.x")}
+    pm = attach(pm, w2, "x")
+    assert all(m is layers[n] for n, m in pm.named_modules() if n.endswith("lora_A.x"))
+    fresh = attach(load_base(str(tiny_model_dir), device="cpu")[0], w2, "x")
+    torch.testing.assert_close(logits(pm, input_ids), logits(fresh, input_ids), atol=0, rtol=0)
+
+
+def test_fresh_adapter_draws_the_same_init_on_a_model_that_had_adapters(tiny_model_dir):
+    config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=True)
+    models = [load_base(str(tiny_model_dir), device="cpu")[0] for _ in range(2)]
+    used = attach(models[1], _random_weights(models[1], 4), "other")
+    used = fresh_adapter(used, LoraConfig(r=3, target_modules=["q_proj"]), "default")
+    states = []
+    for model in (models[0], used):
+        torch.manual_seed(7)
+        pm = fresh_adapter(model, config, "default")
+        states.append({n: p for n, p in pm.state_dict().items() if ".default." in n})
+        assert pm.active_adapters == ["default"] and {n for n, p in pm.named_parameters() if p.requires_grad} == set(states[-1])
+    assert states[0].keys() == states[1].keys() and all(torch.equal(states[0][n], states[1][n]) for n in states[0])
 
 
 @pytest.mark.parametrize("call", [check_fits, lambda m, w: attach(m, w, "x")], ids=["check_fits", "attach"])

@@ -351,9 +351,12 @@ def test_bf16_script_counts_changed_answers_against_an_exact_control(curves):
 
 def test_train_cost_script_times_the_benchs_own_adapt(run):
     """benchmarks/train_cost.py: MTA and the per-user LoRA per user at each size, the first user untimed, their ratio
-    the ratio of the summed seconds, inside its interval; nothing left behind but the figures."""
-    out = _script("train_cost").measure("LaMP-2", str(run / "bank"), str(run / "bank_users.json"), [2, 4], limit=2)
+    the ratio of the summed seconds, inside its interval; nothing left behind but the figures. Other `mta bench` options
+    pass through (here: weights learned per user)."""
+    out = _script("train_cost").measure("LaMP-2", str(run / "bank"), str(run / "bank_users.json"), [2, 4], limit=2,
+                                        bench_args=["--fusion-adapt", "learn"])
     assert out["fusion"]["k"] == 1 and out["user_lora_train"]["epochs"] == 3.0  # the task's tuned settings
+    assert out["fusion"]["adapt"] == "learn" and out["bench_args"] == ["--fusion-adapt", "learn"]
     for s in out["sizes"].values():
         mta, lora = s["seconds"]["mta"], s["seconds"]["per-user-lora"]
         assert s["users"] == len(mta) == len(lora) == 2 and min(mta + lora) > 0

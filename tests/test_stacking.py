@@ -291,3 +291,23 @@ def test_personalize_does_not_depend_on_what_ran_before(tiny_bank, tiny_model_di
         outs.append((logits(model, input_ids), record.fusion, record.stack["final_loss"]))
     torch.testing.assert_close(outs[0][0], outs[1][0], atol=0, rtol=0)
     assert outs[0][1:] == outs[1][1:]
+
+
+def test_user_after_user_on_one_model_is_each_user_on_a_fresh_model(tiny_bank, tiny_model_dir, users, embedder, input_ids):
+    """The adapter layers a model keeps from user to user (mta personalize, the bench, the server's adapt jobs) change
+    nothing: every kind of user, in any order, gets the very stack, record and outputs of a fresh model."""
+    stack = StackConfig(rank=2, top_layers=1, train=FAST)
+    kinds = [PersonalizeConfig(FusionConfig(k=2), stack), PersonalizeConfig(FusionConfig(k=2, adapt="learn"), stack),
+             PersonalizeConfig(None, StackConfig(rank=1, train=FAST)), PersonalizeConfig(FusionConfig(k=2), None),
+             PersonalizeConfig(FusionConfig(k=2, adapt="pick", pick_k=[1, 2]), stack), PersonalizeConfig(FusionConfig(k=2), stack)]
+    model, tok = load_base(str(tiny_model_dir), device="cpu")
+    for user, cfg in zip(users * 2, kinds):
+        model, record = personalize(tiny_bank if cfg.fusion else None, user, cfg, model, tok, embedder, task=TASK, progress=False)
+        fresh, want = personalize(tiny_bank if cfg.fusion else None, user, cfg, _fresh(tiny_model_dir), tok, embedder,
+                                  task=TASK, progress=False)
+        assert dataclasses.replace(record, stack=None) == dataclasses.replace(want, stack=None)
+        assert (record.stack is None) == (want.stack is None)
+        if want.stack is not None:
+            assert record.stack["final_loss"] == want.stack["final_loss"]
+        assert set(model.peft_config) == set(fresh.peft_config) | {FUSED}  # the fused layers stay, switched off
+        torch.testing.assert_close(logits(model, input_ids), logits(fresh, input_ids), atol=0, rtol=0)

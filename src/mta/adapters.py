@@ -7,6 +7,7 @@ consumer sees one convention, and converts to and from PEFT's adapter folders an
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,24 +166,54 @@ def folded(model: nn.Module, weights: LoraWeights | None):
             layer.weight = originals[name]
 
 
+def delete_adapter(model: PeftModel, adapter_name: str) -> None:
+    """PEFT's delete_adapter, without its warning that the adapter was active: replacing it is what is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+        model.delete_adapter(adapter_name)
+
+
+def fresh_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> PeftModel:
+    """A newly initialized adapter `adapter_name` (a plain model is wrapped first; one of that name is replaced).
+
+    Layers that PEFT wrapped before keep their wrappers, so only the first user of a model pays PEFT's injection;
+    the adapter's init draws the same random numbers as on a fresh model (tests/test_adapters.py).
+    """
+    if not isinstance(model, PeftModel):
+        return get_peft_model(model, config, adapter_name=adapter_name)
+    if adapter_name in model.peft_config:
+        delete_adapter(model, adapter_name)
+    model.add_adapter(adapter_name, config)
+    model.set_adapter(adapter_name)  # active and trainable, as get_peft_model leaves it
+    return model
+
+
 def attach(model: nn.Module, weights: LoraWeights, adapter_name: str) -> PeftModel:
     """Add `weights` as a PEFT adapter named `adapter_name`; wraps a plain model on first use.
 
-    The adapter's layers are made empty (PEFT's low_cpu_mem_usage) and take copies of `weights`' tensors: nothing is
-    initialized only to be overwritten. PEFT's injection itself, ~0.3 s for every linear layer of the default model,
-    is most of what MTA spends per user outside its training steps (benchmarks/README.md, Cost and time).
+    PEFT's injection, ~0.3 s for every linear layer of the default model, was most of what MTA spent per user
+    outside its training steps (benchmarks/README.md, Cost and time). So an adapter of that name on the same modules
+    at the same rank is a slot: `weights` are copied into its layers, bit for bit what a new adapter would hold.
+    Otherwise the adapter's layers are made empty (PEFT's low_cpu_mem_usage) and take copies of `weights`' tensors.
     """
     check_fits(model, weights)
     w = weights.padded(weights.rank)
     config = w.lora_config()
     ref = next(model.parameters())
+    state = {k: v.to(ref.device, ref.dtype, copy=True) for k, v in w.peft_state_dict().items()}  # owned: never a bank's
+    if isinstance(model, PeftModel) and adapter_name in model.peft_config:
+        old = model.peft_config[adapter_name]
+        if (old.r, old.lora_alpha, set(old.target_modules)) == (config.r, config.lora_alpha, set(config.target_modules)):
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for key, value in state.items():
+                    params[f"{key.removesuffix('.weight')}.{adapter_name}.weight"].copy_(value)
+            return model
+        delete_adapter(model, adapter_name)
     if isinstance(model, PeftModel):
-        if adapter_name in model.peft_config:
-            model.delete_adapter(adapter_name)
         model.add_adapter(adapter_name, config, low_cpu_mem_usage=True)
     else:
         model = get_peft_model(model, config, adapter_name=adapter_name, low_cpu_mem_usage=True)
-    state = {k: v.to(ref.device, ref.dtype, copy=True) for k, v in w.peft_state_dict().items()}  # owned: never a bank's
     set_peft_model_state_dict(model, state, adapter_name=adapter_name, low_cpu_mem_usage=True)
     return model
 

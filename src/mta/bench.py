@@ -1,7 +1,7 @@
 """`mta bench`: MTA against six baselines on LaMP, quality and cost side by side.
 
 One base model is loaded once and every method starts from it (`base_of` strips what the previous
-method attached). Methods differ only in how they adapt the model to a user — they are small functions
+method attached; a method's adapter layers stay from one user to the next, as in `mta personalize`). Methods differ only in how they adapt the model to a user — they are small functions
 behind `METHODS`, so they share the prompt template, the BM25 history item, the decoding, the timing
 and the scoring. The bank is built from the bank users only (or reused) and never sees an eval user.
 
@@ -28,13 +28,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-from peft import get_peft_model
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.stats import bootstrap
 from tqdm.auto import tqdm
 
-from mta.adapters import save_adapter
+from mta.adapters import fresh_adapter, save_adapter
 from mta.bank import Bank, build_bank
 from mta.config import BankConfig, BenchConfig, FusionConfig
 from mta.data.lamp import Query, User, load_users, predictions_file
@@ -85,7 +84,7 @@ def _dir_bytes(folder: Path) -> int:
 def _per_user_lora(run: Run, model, user: User, folder: Path) -> tuple[torch.nn.Module, int]:
     """OPPU-style: a LoRA of the bank's rank trained from scratch on the user's leave-one-out samples."""
     torch.manual_seed(run.cfg.user_lora_train.seed)
-    pm = get_peft_model(model, run.cfg.lora.peft_config())
+    pm = fresh_adapter(model, run.cfg.lora.peft_config(), "default")
     train(pm, run.tokenizer, loo_examples(run.task, user.profile, run.cfg.num_retrieved), run.cfg.user_lora_train,
           desc=f"per-user LoRA {user.user_id}", progress=run.progress)
     save_adapter(pm, folder / "adapter")
@@ -324,8 +323,8 @@ def _answer(run: Run, model, name: str, cond: Condition, memo: dict[str, str]) -
     method, task, cfg = METHODS[name], run.task, run.cfg
     run = dataclasses.replace(run, bank=cond.bank)
     result = Answers({}, {}, {}, {})
+    model = base_of(model)  # strip the previous method's adapters outside the timer; its own stay from user to user
     for user in tqdm(cond.users, desc=f"{task.id} {cond.key} {name}", disable=not run.progress, leave=False):
-        model = base_of(model)  # strip the previous method's adapters outside the timer
         start = time.perf_counter()
         model, size = method.adapt(run, model, user, cond.folder / "users" / name / user.user_id)
         result.train[user.user_id], result.bytes[user.user_id] = time.perf_counter() - start, size

@@ -20,7 +20,7 @@ from mta.config import BankConfig, PersonalizeConfig
 from mta.data.lamp import User, check_user_id, require_profile
 from mta.io import MTAError
 from mta.models import load_base, load_embedder, load_error, model_signature, resolve_model_path
-from mta.stacking import UserRecord, base_of, personalize, save_user
+from mta.stacking import UserRecord, personalize, save_user
 
 EXECUTORS = ("local", "ray")
 
@@ -85,10 +85,10 @@ def run_personalize(bank_dir: str | Path, jobs: list[tuple[User, Path]], cfg: Pe
 
 
 def _personalize_into(bank: Bank, user: User, folder: Path, cfg: PersonalizeConfig, model, tok, embedder, progress: bool):
-    """One user, the same for both executors; returns the bare base model again, ready for the next user."""
+    """One user, the same for both executors; returns the model, whose adapter layers the next user reuses."""
     model, record = personalize(bank, user, cfg, model, tok, embedder, progress=progress)
     size = save_user(folder, model, record, user.profile, cfg.adapter_dtype)
-    return base_of(model), record, size
+    return model, record, size
 
 
 def _anchor_task(out: str, cfg: BankConfig, anchor, index: int, examples, device, dtype) -> None:

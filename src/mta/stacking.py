@@ -11,14 +11,15 @@ small record is all that is stored per user::
 from __future__ import annotations
 
 import dataclasses
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftModel
 
 from mta import __version__, fusion_weights
-from mta.adapters import LoraWeights, attach, folded, save_adapter
+from mta.adapters import LoraWeights, attach, delete_adapter, folded, fresh_adapter, save_adapter
 from mta.bank import Bank
 from mta.config import ADAPTER_DTYPES, PersonalizeConfig, StackConfig, TrainConfig
 from mta.data.lamp import User, require_profile
@@ -66,24 +67,28 @@ def base_of(model) -> torch.nn.Module:
     return model.unload() if isinstance(model, PeftModel) else model
 
 
-def with_adapters(base, fused: LoraWeights | None, stacked: LoraWeights | StackConfig | None) -> torch.nn.Module:
-    """Base + frozen fused adapter + stacked adapter (fresh and trainable when given a StackConfig)."""
-    model, active = base_of(base), []
+def with_adapters(model, fused: LoraWeights | None, stacked: LoraWeights | StackConfig | None) -> torch.nn.Module:
+    """The model with a frozen fused adapter and a stacked adapter (fresh and trainable when given a StackConfig).
+
+    A model that served another user keeps its PEFT layers: the adapters are replaced in place (`mta.adapters.attach`,
+    `fresh_adapter`), so one model personalizes or serves user after user without PEFT's injection each time. An
+    unused fused adapter stays, switched off, for the next user who has one.
+    """
+    if isinstance(model, PeftModel):
+        for name in [n for n in model.peft_config if n != FUSED and (n != STACK or stacked is None)]:
+            delete_adapter(model, name)  # the stack of a user without one, or another tool's adapter
+    active = []
     if fused is not None:
         model = attach(model, fused, FUSED)
         active.append(FUSED)
     if isinstance(stacked, StackConfig):
         _check_modules(model, stacked)
-        config = stacked.peft_config(model.config.num_hidden_layers)
-        if isinstance(model, PeftModel):
-            model.add_adapter(STACK, config)
-        else:
-            model = get_peft_model(model, config, adapter_name=STACK)
+        model = fresh_adapter(model, stacked.peft_config(model.config.num_hidden_layers), STACK)
         active.append(STACK)
     elif stacked is not None:
         model = attach(model, stacked, STACK)
         active.append(STACK)
-    return _activate(model, active, trainable=isinstance(stacked, StackConfig)) if active else model
+    return _activate(model, active, trainable=isinstance(stacked, StackConfig)) if active else base_of(model)
 
 
 def _check_modules(model, cfg: StackConfig) -> None:
@@ -126,9 +131,12 @@ def personalize(bank: Bank | None, user: User, cfg: PersonalizeConfig, model, to
             raise MTAError("fusion needs a bank")
         bank.check_model(model)
         embedding = profile_embedding(embedder, task, profile)
-        record = (fusion_weights.pick(bank, embedding, cfg.fusion, base_of(model), tokenizer, examples,
-                                      cfg.stack.train if cfg.stack else TrainConfig())
-                  if adapt == "pick" else plan_fusion(bank, embedding, cfg.fusion))
+        if adapt == "pick":
+            with model.disable_adapter() if isinstance(model, PeftModel) else nullcontext():  # the base model's loss
+                record = fusion_weights.pick(bank, embedding, cfg.fusion, model, tokenizer, examples,
+                                             cfg.stack.train if cfg.stack else TrainConfig())
+        else:
+            record = plan_fusion(bank, embedding, cfg.fusion)
         fused = merge(bank, record)
     if cfg.stack is None:
         model, stack = with_adapters(model, fused, None), None
@@ -150,7 +158,7 @@ def personalize(bank: Bank | None, user: User, cfg: PersonalizeConfig, model, to
                           progress=progress, groups=groups)
         if deltas is not None:  # the planned weights plus what was learned, per stacked layer
             record = fusion_weights.learned(record, deltas)
-            model.delete_adapter(fusion_weights.GATES)
+            delete_adapter(model, fusion_weights.GATES)
             fused = merge(bank, record)
         if fused is not None:  # to answer, the fused adapter runs as LoRA layers again, in load_personalized's order
             model = _activate(attach(model, fused, FUSED), [FUSED, STACK], trainable=False)

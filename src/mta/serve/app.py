@@ -42,7 +42,7 @@ from mta.fusion import plan_fusion, row_weights, unweighted
 from mta.io import MTAError
 from mta.serve.batched import LRUCache, PerRowLora, Row, RowOutput, Scaled, generate_rows
 from mta.serve.store import Job, StoredUser, UserStore
-from mta.stacking import STACK, PersonalizeConfig, UserRecord, base_of, fused_adapter, personalize
+from mta.stacking import STACK, PersonalizeConfig, UserRecord, fused_adapter, personalize
 from mta.tasks import query_prompt
 from mta.training import fit, prompt_ids
 
@@ -361,7 +361,7 @@ class Server:
                                         PersonalizeConfig(self.cfg.fusion, self.cfg.stack, self.num_retrieved),
                                         self._train_model, self.tokenizer, self.embedder, self.task, progress=False)
             stacked = extract(model, STACK)
-            self._train_model = base_of(model)
+            self._train_model = model  # its adapter layers stay for the next job (mta.stacking.with_adapters)
             self.store.set_stacked(record, stacked, expected_version=user.version)
             job.stack, job.status = record.stack, "done"
         except Exception as e:
