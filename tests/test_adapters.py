@@ -148,18 +148,25 @@ def test_attach_of_the_same_shape_fills_the_layers_in_place(tiny, tiny_model_dir
     torch.testing.assert_close(logits(pm, input_ids), logits(fresh, input_ids), atol=0, rtol=0)
 
 
-def test_fresh_adapter_draws_the_same_init_on_a_model_that_had_adapters(tiny_model_dir):
-    config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=True)
-    models = [load_base(str(tiny_model_dir), device="cpu")[0] for _ in range(2)]
-    used = attach(models[1], _random_weights(models[1], 4), "other")
-    used = fresh_adapter(used, LoraConfig(r=3, target_modules=["q_proj"]), "default")
+def test_fresh_adapter_is_the_same_on_a_model_that_had_adapters(tiny_model_dir):
+    """The stack's slot: initialized again in place, or added beside other adapters, it holds what a fresh model's
+    would, whatever the random state before; it is active and the only thing trainable."""
+    config = LoraConfig(r=2, layers_to_transform=[1])  # PEFT's default modules, as the stack's
+    models = [load_base(str(tiny_model_dir), device="cpu")[0] for _ in range(3)]
+    beside = attach(models[1], _random_weights(models[1], 4), "other")  # added next to another adapter
+    reused = fresh_adapter(models[2], config, "default", seed=1)  # a slot of the same config
+    slot = {n: m for n, m in reused.named_modules() if n.endswith("lora_A.default")}
     states = []
-    for model in (models[0], used):
-        torch.manual_seed(7)
-        pm = fresh_adapter(model, config, "default")
-        states.append({n: p for n, p in pm.state_dict().items() if ".default." in n})
+    for i, model in enumerate((models[0], beside, reused)):
+        torch.manual_seed(100 + i)
+        pm = fresh_adapter(model, config, "default", seed=7)
+        states.append({n: p.clone() for n, p in pm.state_dict().items() if ".default." in n})
         assert pm.active_adapters == ["default"] and {n for n, p in pm.named_parameters() if p.requires_grad} == set(states[-1])
-    assert states[0].keys() == states[1].keys() and all(torch.equal(states[0][n], states[1][n]) for n in states[0])
+    assert all(m is slot[n] for n, m in reused.named_modules() if n.endswith("lora_A.default"))
+    assert all(s.keys() == states[0].keys() and all(torch.equal(s[n], states[0][n]) for n in s) for s in states)
+    assert any(p.abs().sum() > 0 for n, p in states[0].items() if "lora_A" in n)
+    other = fresh_adapter(reused, LoraConfig(r=3, target_modules=["q_proj"]), "default", seed=7)  # another config: replaced
+    assert {p.shape[0] for n, p in other.named_parameters() if "lora_A.default" in n} == {3}
 
 
 @pytest.mark.parametrize("call", [check_fits, lambda m, w: attach(m, w, "x")], ids=["check_fits", "attach"])

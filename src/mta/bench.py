@@ -83,8 +83,7 @@ def _dir_bytes(folder: Path) -> int:
 
 def _per_user_lora(run: Run, model, user: User, folder: Path) -> tuple[torch.nn.Module, int]:
     """OPPU-style: a LoRA of the bank's rank trained from scratch on the user's leave-one-out samples."""
-    torch.manual_seed(run.cfg.user_lora_train.seed)
-    pm = fresh_adapter(model, run.cfg.lora.peft_config(), "default")
+    pm = fresh_adapter(model, run.cfg.lora.peft_config(), "default", run.cfg.user_lora_train.seed)
     train(pm, run.tokenizer, loo_examples(run.task, user.profile, run.cfg.num_retrieved), run.cfg.user_lora_train,
           desc=f"per-user LoRA {user.user_id}", progress=run.progress)
     save_adapter(pm, folder / "adapter")

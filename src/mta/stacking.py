@@ -83,7 +83,7 @@ def with_adapters(model, fused: LoraWeights | None, stacked: LoraWeights | Stack
         active.append(FUSED)
     if isinstance(stacked, StackConfig):
         _check_modules(model, stacked)
-        model = fresh_adapter(model, stacked.peft_config(model.config.num_hidden_layers), STACK)
+        model = fresh_adapter(model, stacked.peft_config(model.config.num_hidden_layers), STACK, stacked.train.seed)
         active.append(STACK)
     elif stacked is not None:
         model = attach(model, stacked, STACK)
@@ -141,7 +141,6 @@ def personalize(bank: Bank | None, user: User, cfg: PersonalizeConfig, model, to
     if cfg.stack is None:
         model, stack = with_adapters(model, fused, None), None
     else:
-        torch.manual_seed(cfg.stack.train.seed)  # before the stacked LoRA is created: its init must not depend on what ran before
         model = with_adapters(model, None, cfg.stack)
         deltas, groups = None, None
         if adapt.startswith("learn"):
