@@ -175,6 +175,16 @@ def delete_adapter(model: PeftModel, adapter_name: str) -> None:
         model.delete_adapter(adapter_name)
 
 
+def _added(model: nn.Module, config: LoraConfig, adapter_name: str, **kwargs) -> PeftModel:
+    """`model` with a new adapter `adapter_name` (one of that name replaced; a plain model wrapped first)."""
+    if not isinstance(model, PeftModel):
+        return get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
+    if adapter_name in model.peft_config:
+        delete_adapter(model, adapter_name)
+    model.add_adapter(adapter_name, config, **kwargs)
+    return model
+
+
 def fresh_adapter(model: nn.Module, config: LoraConfig, adapter_name: str, seed: int) -> PeftModel:
     """Adapter `adapter_name` newly initialized from `seed` (a plain model is wrapped first), active and trainable.
 
@@ -183,15 +193,10 @@ def fresh_adapter(model: nn.Module, config: LoraConfig, adapter_name: str, seed:
     existing adapter layer), as much as the stack's training steps at 2 items. Fresh or reused, the layers take
     PEFT's own init after `seed`, in module order, so a user's stack does not depend on what the model held before.
     """
-    if isinstance(model, PeftModel) and adapter_name in model.peft_config:
-        model_type = model.config.model_type
-        if _settings(model.peft_config[adapter_name], model_type) != _settings(config, model_type):
-            delete_adapter(model, adapter_name)
-            model.add_adapter(adapter_name, config)
-    elif isinstance(model, PeftModel):
-        model.add_adapter(adapter_name, config)
-    else:
-        model = get_peft_model(model, config, adapter_name=adapter_name)
+    model_type = model.config.model_type
+    if not (isinstance(model, PeftModel) and adapter_name in model.peft_config
+            and _settings(model.peft_config[adapter_name], model_type) == _settings(config, model_type)):
+        model = _added(model, config, adapter_name)
     torch.manual_seed(seed)
     for module in model.modules():
         if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
@@ -219,9 +224,7 @@ def attach(model: nn.Module, weights: LoraWeights, adapter_name: str) -> PeftMod
     """
     check_fits(model, weights)
     w = weights.padded(weights.rank)
-    config = w.lora_config()
-    ref = next(model.parameters())
-    state = {k: v.to(ref.device, ref.dtype, copy=True) for k, v in w.peft_state_dict().items()}  # owned: never a bank's
+    config, state = w.lora_config(), w.peft_state_dict()
     if isinstance(model, PeftModel) and adapter_name in model.peft_config:
         old = model.peft_config[adapter_name]  # PEFT may store its target_modules shortened: the layers are compared
         slot = {n: p for n, p in model.named_parameters() if f".{adapter_name}." in n}
@@ -230,13 +233,11 @@ def attach(model: nn.Module, weights: LoraWeights, adapter_name: str) -> PeftMod
                 all(slot[k].shape == v.shape for k, v in named.items()):
             with torch.no_grad():
                 for key, value in named.items():
-                    slot[key].copy_(value)
+                    slot[key].copy_(value)  # into the slot's device and dtype
             return model
-        delete_adapter(model, adapter_name)
-    if isinstance(model, PeftModel):
-        model.add_adapter(adapter_name, config, low_cpu_mem_usage=True)
-    else:
-        model = get_peft_model(model, config, adapter_name=adapter_name, low_cpu_mem_usage=True)
+    model = _added(model, config, adapter_name, low_cpu_mem_usage=True)
+    ref = next(model.parameters())
+    state = {k: v.to(ref.device, ref.dtype, copy=True) for k, v in state.items()}  # owned: never a bank's
     set_peft_model_state_dict(model, state, adapter_name=adapter_name, low_cpu_mem_usage=True)
     return model
 
