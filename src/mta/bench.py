@@ -3,7 +3,8 @@
 One base model is loaded once and every method starts from it (`base_of` strips what the previous
 method attached; a method's adapter layers stay from one user to the next, as in `mta personalize`).
 Methods differ only in how they adapt the model to a user — they are small functions behind `METHODS`,
-so they share the prompt template, the BM25 history item, the decoding, the timing and the scoring. The bank is built from the bank users only (or reused) and never sees an eval user.
+so they share the prompt template, the BM25 history item, the decoding, the timing and the scoring. The
+bank is built from the bank users only (or reused) and never sees an eval user.
 
 Every method runs in every *condition*: LaMP's own (the whole profile, the query alone), and per history size n
 each user personalized from n profile items and scored on every other item too (`history_split`), and per bank
