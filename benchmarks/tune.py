@@ -120,6 +120,14 @@ def _adapt(adapt: str, k: int, **more) -> Override:
     return lambda c: replace(c, fusion=replace(c.fusion, adapt=adapt, k=k, **more))
 
 
+def _batch(size: int, lr_factor: float = 1.0) -> Override:
+    """MTA's stack trained in batches of `size`, so n examples give n / size steps an epoch; its rate scaled."""
+    def apply(c: BenchConfig) -> BenchConfig:
+        train = replace(c.stack.train, batch_size=size, learning_rate=c.stack.train.learning_rate * lr_factor)
+        return replace(c, stack=replace(c.stack, train=train))
+    return apply
+
+
 def _no_repeat(n: int) -> Override:
     return lambda c: replace(c, decoding=Decoding(no_repeat_ngram=n))
 
@@ -257,6 +265,10 @@ STAGES: dict[str, tuple[str | tuple[str, ...], list[tuple[str, Override]]]] = {
                                                                             ("learn", "learn"), ("layer", "learn-layer")]
                                                         for k in (1, 2, 4) if (name, k) != ("fixed", 1)],
                           ("pick-any", _adapt("pick", 1, pick_k=[1, 2, 4])), ("learn-k2-lr0.2", _adapt("learn", 2, learn_lr=0.2))]),
+    # The stack's schedule was tuned on ~8 items a user (2 batches of 4 an epoch); from n = 2 or 4 items its 2 epochs are
+    # 2 steps, and with Adam's steps of about the rate each, its B barely leaves 0: the stack adds about nothing. One
+    # example a batch gives n steps an epoch from the same examples (at the rate, or half of it).
+    "hs-batch": ("mta", [("as-tuned", lambda c: c), ("bs1", _batch(1)), ("bs1-lr0.5x", _batch(1, 0.5))]),
 }
 
 
@@ -284,12 +296,12 @@ def tuning_folds(task_id: str, data: Path, eval_fraction: float, n: int, seed: i
 
 # The hs-* stages score one fold of about HS_USERS tuning users per task, personalized from a bank of the other bank
 # users (LaMP-4's fold keeps users who share items together: no bank user holds an item of a tuning user)
-HS, HS_USERS, HS_APART = {"hs-parts", "hs-fusion"}, 16, {"LaMP-4"}
+HS, HS_USERS, HS_APART = {"hs-parts", "hs-fusion", "hs-batch"}, 16, {"LaMP-4"}
 # A trial of these stages replaces the first (today's setting) only where it is better with confidence: its paired 95 %
 # interval against the first, over all answers at every size, above 0; and only where it trains in at most COST_CAP
 # times the first's time (the first kept within 1/3 of the per-user LoRA's in the timed cv-* stages: a challenger
 # must stay near it). Each trial is also set against MTA's parts.
-CHALLENGED, PARTS, COST_CAP = {"hs-fusion"}, ("merge-only", "stack-only"), 1.25
+CHALLENGED, PARTS, COST_CAP = {"hs-fusion", "hs-batch"}, ("merge-only", "stack-only"), 1.25
 BUDGETED = {"mta-cached", "mta-bf16", "task-mta", "task-mta-modules", "cv-mta", "cv-mta-steps"}
 APART = {"apart-merge-only", "apart-fusion", "apart-mta", "apart-recipe", "apart-baselines"}  # on tuning_folds(apart=True)
 # stage: the tasks it runs on, over all their folds
@@ -332,7 +344,7 @@ FRESH: set[Path] = set()  # results this process wrote: timed by this code
 def run_trial(cfg: BenchConfig, method: str, bank_users: list[User], tune_users: list[User], out: Path,
               banks: Path, sizes: list[int], cached_only: bool = False, timed: bool = False) -> dict:
     """`timed`: reuse only this trial's own result, or one this process ran, not an equal one run earlier (perhaps by
-    slower code). A result is reused only for the same settings on the same tuning users."""
+    slower code). A result is reused only for the same settings on the same tuning users; "folder" says where it lives."""
     cfg = replace(cfg, methods=[method], history_sizes=sizes, full_profile=False)
     settings = {k: v for k, v in _plain(cfg).items() if k not in UNUSED[method]}
     default = _plain(BenchConfig(cfg.task, methods=[method]))
@@ -343,7 +355,7 @@ def run_trial(cfg: BenchConfig, method: str, bank_users: list[User], tune_users:
                 and _same(r["config"]["bench"], settings, default)):
             if timed and done != out / "results.json":  # kept as this trial's own: --cached-only finds it later
                 atomic_write_json(out / "results.json", r)
-            return r
+            return {**r, "folder": str(done.parent)}
     if cached_only:
         raise SystemExit(f"{out}: not run yet (--cached-only)")
     bank_dir = None
@@ -354,7 +366,7 @@ def run_trial(cfg: BenchConfig, method: str, bank_users: list[User], tune_users:
         model, tokenizer = load_base(cfg.base_model)
         build_bank(bank_users, bank_dir, bank_config(cfg), model, tokenizer, load_embedder(cfg.embedding_model))
     FRESH.add(out / "results.json")
-    return run_bench(cfg, bank_users, tune_users, out, bank_dir, {"tuning": True}, progress=False)
+    return {**run_bench(cfg, bank_users, tune_users, out, bank_dir, {"tuning": True}, progress=False), "folder": str(out)}
 
 
 def _score(r: dict, method: str) -> dict:
@@ -442,8 +454,8 @@ def main() -> None:
                           f"{per_method[m]['train_seconds_per_user']:.1f} s/user ({time.perf_counter() - start:.0f} s)", flush=True)
                 if len(by) == 1:
                     scores.setdefault(name, {})[task] = per_method[by[0]]
-                    if stage in CHALLENGED:
-                        scores[name][task]["folder"] = str(folder / "fold0")
+                    if stage in CHALLENGED:  # where its answers are: a reused trial's are in the stage that ran it
+                        scores[name][task]["folder"] = results[0]["folder"]
                 else:  # scored by the methods' mean; their train time is the sum
                     scores.setdefault(name, {})[task] = {
                         "main": sum(v["main"] for v in per_method.values()) / len(by),
@@ -527,8 +539,9 @@ def markdown(report: dict) -> str:
         lines += [f"## {stage} (scored by {by}; winner {won})", "",
                   "| trial | " + " | ".join(f"{t} main | {t} train s/user" for t in tasks) + " | combined |",
                   "|---|" + "---|---|" * len(tasks) + "---|"]
-        listed = [n for n, _ in STAGES[stage][1]] if stage in STAGES else []
-        for name, per_task in sorted(s["trials"].items(), key=lambda kv: listed.index(kv[0]) if kv[0] in listed else len(listed)):
+        listed = [n for n, _ in STAGES[stage][1]] if stage in STAGES else []  # in the stage's order, as saved or not
+        trials = sorted(s["trials"].items(), key=lambda kv: listed.index(kv[0]) if kv[0] in listed else len(listed))
+        for name, per_task in trials:
             within = s.get("within_budget", {}).get(name, True)  # saved by older runs as one flag per trial
             over = {t: not (within[t] if isinstance(within, dict) else within) for t in tasks}
             cells = [f"{per_task[t]['main']:.4f} | {per_task[t]['train_seconds_per_user']:.1f}{' (over)' if over[t] else ''}"
@@ -537,24 +550,25 @@ def markdown(report: dict) -> str:
         if not isinstance(s["method"], str):
             lines += ["", "| trial | task | " + " | ".join(s["method"]) + " |", "|---|---|" + "---|" * len(s["method"])]
             lines += [f"| {name} | {t} | " + " | ".join(f"{per_task[t]['methods'][m]:.4f}" for m in s["method"]) + " |"
-                      for name, per_task in s["trials"].items() for t in tasks]
+                      for name, per_task in trials for t in tasks]
         if any("by_size" in per_task[t] for per_task in s["trials"].values() for t in tasks):
             lines += ["", "| trial | task | " + " | ".join(f"n = {n}" for n in report["history_sizes"]) + " |",
                       "|---|---|" + "---|" * len(report["history_sizes"])]
             lines += [f"| {name} | {t} | " + " | ".join(f"{per_task[t]['by_size'][str(n)]:.4f}" for n in report["history_sizes"]) + " |"
-                      for name, per_task in s["trials"].items() for t in tasks if "by_size" in per_task[t]]
+                      for name, per_task in trials for t in tasks if "by_size" in per_task[t]]
         if stage in CHALLENGED:
             lines += ["", "Paired differences over all answers (and per size), 95 % intervals over users: each trial minus "
                       "the first, and minus MTA's parts. A trial replaces the first only where its interval against it is above 0 "
                       f"and it trains in at most {COST_CAP:g}x the first's time.",
                       "", "| trial | task | " + " | ".join(f"− {x}" for x in ("first", *PARTS)) + " |", "|---|---|" + "---|" * (1 + len(PARTS))]
             lines += [f"| {name} | {t} | " + " | ".join(
-                "; ".join(f"{k}: {d:+.4f} [{lo:+.3f}, {hi:+.3f}]" for k, (d, lo, hi) in per_task[t]["versus"][x].items())
+                "; ".join(f"{k}: {d:+.4f} [{lo:+.3f}, {hi:+.3f}]"
+                          for k, (d, lo, hi) in sorted(per_task[t]["versus"][x].items(), key=lambda kv: kv[0] != "all"))
                 if x in per_task[t].get("versus", {}) else "" for x in ("first", *PARTS)) + " |"
-                for name, per_task in s["trials"].items() for t in tasks]
+                for name, per_task in trials for t in tasks]
         if stage in FOLDED and stage not in HS:
             lines += ["", "Per fold: " + "; ".join(f"{name} " + " / ".join(f"{x:.4f}" for x in per_task[t]["folds"])
-                                                  for name, per_task in s["trials"].items() for t in tasks) + "."]
+                                                  for name, per_task in trials for t in tasks) + "."]
         if "budget" in s:
             lines.append("\nBudget: 1/3 of the per-user LoRA's train s/user, timed in this stage: "
                          + ", ".join(f"{t} {v:.1f} s" for t, v in s["budget"].items()) + "; (over): over it.")
