@@ -340,6 +340,28 @@ def test_versus_script_reads_a_published_results_folder(curves, tmp_path):
         script.compare(curves, "mta", tmp_path, ["base"])
 
 
+def test_fusion_grid_plot_reads_each_variants_comparisons(curves, tmp_path):
+    """benchmarks/fusion_grid_plot.py: the default's row is the powered run's own comparisons, a variant's row its
+    versus.json's, in the grid's order; a missing variant is left out; the picture is written."""
+    script, parts = _script("fusion_grid_plot"), ("merge-only", "base")
+    versus = _script("versus").compare(curves, "mta", curves, ["mta", *parts])
+    for tag in ("lamp2", "lamp4"):
+        (tmp_path / "powered" / tag).mkdir(parents=True)
+        shutil.copy(curves / "results.json", tmp_path / "powered" / tag / "results.json")
+        for name in ("learn-k2", "fixed-k4"):
+            (tmp_path / "eval" / f"{tag}-{name}").mkdir(parents=True)
+            (tmp_path / "eval" / f"{tag}-{name}" / "versus.json").write_text(json.dumps(versus))
+    r = json.loads((curves / "results.json").read_text())
+    rows = script.rows(tmp_path / "eval", tmp_path / "powered", "lamp2", parts)
+    assert [label for label, _ in rows] == ["fixed, k = 1 (default)", "fixed, k = 4", "learned / anchor, k = 2"]
+    assert rows[0][1][("mta", "all")] == [0.0, 0.0, 0.0]
+    assert rows[0][1][("base", "4")] == r["history_sizes"]["4"]["versus"]["base"]
+    assert rows[2][1][("mta", "all")] == versus["all"]["versus"]["mta"]
+    assert rows[2][1][("merge-only", "2")] == versus["sizes"]["2"]["versus"]["merge-only"]
+    script.plot(tmp_path / "eval", tmp_path / "powered", tmp_path / "grid.png", parts)
+    assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_bf16_script_counts_changed_answers_against_an_exact_control(curves):
     """benchmarks/bf16_answers.py: reloading a user's fp32 stacked LoRA answers exactly as the run did."""
     script = _script("bf16_answers")
