@@ -5,6 +5,9 @@ k, on the same eval users and the same reused bank) is compared here against the
 answer, with the same paired bootstrap over users, per history size. The other run may be a published results
 folder (`benchmarks/results/...`, LaMP predictions only): its answers are then matched by question id.
 
+Each difference also gets the smallest true difference these users would show with confidence 80 % of the time
+(95 % two-sided): what a variant must gain before a run this size can call it better.
+
 Usage: python benchmarks/versus.py --ours RUN[:METHOD] --theirs RUN --methods merge-only stack-only [--out FILE]
 """
 
@@ -18,6 +21,8 @@ from mta.bench import per_answer, user_interval, verdict, versus
 from mta.data.lamp import load_users, read_predictions
 from mta.io import MTAError, atomic_write_json, read_json
 from mta.tasks import get_task
+
+Z_POWER = 1.959964 + 0.841621  # 95 % two-sided, 80 % power
 
 
 def compare(ours: Path, method: str, theirs: Path, names: list[str]) -> dict:
@@ -56,8 +61,16 @@ def _block(task, method: str, names: list[str], answers: dict[str, list]) -> dic
     golds, users, mine = answers["golds"], answers["users"], answers[method]
     per = per_answer(task, mine, golds)
     vs = {m: versus(task, mine, answers[f"theirs:{m}"], golds, users) for m in names}
-    return {"n_answers": len(golds), method: list(user_interval(per, users)),
-            "versus": {m: [v["diff"], *v["ci95"]] for m, v in vs.items()}}
+    return {"n_answers": len(golds), "n_users": len(set(users)), method: list(user_interval(per, users)),
+            "versus": {m: [v["diff"], *v["ci95"]] for m, v in vs.items()},
+            "detectable": {m: detectable(v["ci95"]) for m, v in vs.items()}}
+
+
+def detectable(ci95: list[float]) -> float:
+    """The smallest true difference that the same number of users shows with confidence 80 % of the time, from the
+    interval's width (standard error ≈ width / 3.92). It shrinks as 1/√users: k times the users, 1/√k of it."""
+    lo, hi = ci95
+    return Z_POWER * (hi - lo) / (2 * 1.959964)
 
 
 def main() -> None:
@@ -75,9 +88,9 @@ def main() -> None:
     main_metric = result["main_metric"]
     for n, s in [*result["sizes"].items(), ("all", result["all"])]:
         mean, lo, hi = s[method or "mta"]
-        print(f"n = {n} ({s['n_answers']} answers): {main_metric} {mean:.4f} [{lo:.3f}, {hi:.3f}]; "
-              + "; ".join(f"− {m}: {d:+.4f} [{a_:+.3f}, {b:+.3f}] {verdict([d, a_, b], main_metric)}"
-                          for m, (d, a_, b) in s["versus"].items()))
+        print(f"n = {n} ({s['n_answers']} answers, {s['n_users']} users): {main_metric} {mean:.4f} [{lo:.3f}, {hi:.3f}]; "
+              + "; ".join(f"− {m}: {d:+.4f} [{a_:+.3f}, {b:+.3f}] {verdict([d, a_, b], main_metric)}, "
+                          f"detectable ±{s['detectable'][m]:.3f}" for m, (d, a_, b) in s["versus"].items()))
     if a.out:
         atomic_write_json(a.out, result)
 

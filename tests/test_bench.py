@@ -5,10 +5,11 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mta import bench
-from mta.bench import METHODS, Run, results_markdown, split_users, versus
+from mta.bench import METHODS, Run, results_markdown, split_users, user_interval, versus
 from mta.cli import main
 from mta.config import BenchConfig, FusionConfig
 from mta.data.lamp import Query, User, load_users
@@ -324,6 +325,21 @@ def test_versus_script_pairs_another_runs_answers(curves):
     assert out["all"]["mta"][0] == pytest.approx(sum(s["mta"][0] * s["n_answers"] for s in sizes) / out["all"]["n_answers"])
     assert out["all"]["versus"]["base"][0] == pytest.approx(
         sum(s["versus"]["base"][0] * s["n_answers"] for s in sizes) / out["all"]["n_answers"])
+
+
+def test_detectable_difference_is_the_textbook_power_calculation(curves):
+    """80 % power at 95 % two-sided is 2.80 standard errors: from a bootstrap interval over users it matches
+    2.80·σ/√users, and compare() gives it for every difference it reports."""
+    script = _script("versus")
+    users, sigma = 400, 0.5
+    diffs = np.random.default_rng(0).normal(0.0, sigma, users)
+    _, lo, hi = user_interval(list(diffs), list(range(users)))
+    assert script.detectable([lo, hi]) == pytest.approx(2.8016 * sigma / users ** 0.5, rel=0.1)
+    out = script.compare(curves, "mta", curves, ["base"])
+    for s in [*out["sizes"].values(), out["all"]]:
+        assert s["detectable"]["base"] == script.detectable(s["versus"]["base"][1:])  # the tiny model: 0 here
+    asked = load_users(curves / "h2" / "eval_users.json", get_task("LaMP-2"))
+    assert out["sizes"]["2"]["n_users"] == out["all"]["n_users"] == len(asked) > 1
 
 
 def test_versus_script_reads_a_published_results_folder(curves, tmp_path):
