@@ -17,12 +17,14 @@ import argparse
 import json
 from pathlib import Path
 
+from scipy.stats import norm
+
 from mta.bench import per_answer, user_interval, verdict, versus
 from mta.data.lamp import load_users, read_predictions
 from mta.io import MTAError, atomic_write_json, read_json
 from mta.tasks import get_task
 
-Z_POWER = 1.959964 + 0.841621  # 95 % two-sided, 80 % power
+Z_95, Z_80 = norm.ppf(0.975), norm.ppf(0.80)  # 95 % two-sided, 80 % power
 
 
 def compare(ours: Path, method: str, theirs: Path, names: list[str]) -> dict:
@@ -70,7 +72,7 @@ def detectable(ci95: list[float]) -> float:
     """The smallest true difference that the same number of users shows with confidence 80 % of the time, from the
     interval's width (standard error ≈ width / 3.92). It shrinks as 1/√users: k times the users, 1/√k of it."""
     lo, hi = ci95
-    return Z_POWER * (hi - lo) / (2 * 1.959964)
+    return float((Z_95 + Z_80) * (hi - lo) / (2 * Z_95))
 
 
 def main() -> None:
